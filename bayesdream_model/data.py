@@ -1,0 +1,62 @@
+"""The fit cells' data, as numpy (for filters and priors) and as tensors (for SVI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class FitArrays:
+    """Fit cells x features; rows are cells, group codes are 0..C-1 (0 = baseline)."""
+
+    y: np.ndarray  # [N, T] (multinomial [N, T, K]); NaN = missing (normal/studentt)
+    groups: np.ndarray  # [N] int
+    n_groups: int  # C
+    sum_factor: np.ndarray | None = None  # [N]
+    denominator: np.ndarray | None = None  # same shape as y (binomial)
+
+    @property
+    def n_cells(self) -> int:
+        """N."""
+        return int(self.y.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """T."""
+        return int(self.y.shape[1])
+
+    def select_features(self, keep: np.ndarray) -> FitArrays:
+        """The same cells restricted to the features in `keep` (bool [T] or indices)."""
+        den = None if self.denominator is None else self.denominator[:, keep]
+        return replace(self, y=self.y[:, keep], denominator=den)
+
+
+@dataclass(frozen=True)
+class FitTensors:
+    """The tensors the likelihood reads, on the fit device."""
+
+    y: torch.Tensor
+    groups: torch.Tensor  # [N] long
+    n_groups: int
+    sum_factor: torch.Tensor | None = None
+    denominator: torch.Tensor | None = None
+
+    @classmethod
+    def from_arrays(cls, data: FitArrays, device: torch.device | str) -> FitTensors:
+        """Move the fit data to `device` as float32 (codes as int64)."""
+
+        def as_tensor(x: np.ndarray | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+
+        return cls(
+            y=as_tensor(data.y),
+            groups=torch.as_tensor(np.asarray(data.groups, dtype=np.int64), device=device),
+            n_groups=data.n_groups,
+            sum_factor=as_tensor(data.sum_factor),
+            denominator=as_tensor(data.denominator),
+        )

@@ -1,0 +1,122 @@
+"""What every distribution family provides; the registry maps names to families."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bayesdream_model.data import FitArrays, FitTensors
+from bayesdream_model.plates import Plates
+
+EffectType = Literal["multiplicative", "logit", "additive"]
+
+
+@dataclass(frozen=True)
+class DistributionSpec:
+    """Static facts about one distribution (SPEC "Registry")."""
+
+    name: str
+    effect_type: EffectType
+    needs_denominator: bool
+    needs_sum_factor: bool
+    is_3d: bool
+    supports_group_effects: bool
+    default_niters: int
+    count_data: bool  # values must be non-negative finite counts
+    #: "mean_field"; "flow_if_fits" (IAF when it fits in memory, else mean-field)
+    guide: Literal["mean_field", "flow_if_fits"] = "mean_field"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One result array: `kind` says how it is laid out and what excluded features hold.
+
+    effect:  [S, C, T(, K)], excluded features at `fill` (the baseline value)
+    raw:     [S, C-1, T(, K)], excluded features 0
+    feature: [S, T(, K)], excluded features NaN
+    scalar:  [S]
+    """
+
+    name: str
+    kind: Literal["effect", "raw", "feature", "scalar"]
+    fill: float = float("nan")
+    feature_axis: int = -1  # where T sits (multinomial: -2, before K)
+
+
+@dataclass(frozen=True)
+class FilterFlags:
+    """Per-feature exclusion reasons, bool [T] each."""
+
+    ntc_zero_count: np.ndarray
+    ntc_zero_std: np.ndarray
+    ntc_single_category: np.ndarray
+
+    @property
+    def ntc_excluded_from_fit(self) -> np.ndarray:
+        """Any reason."""
+        return self.ntc_zero_count | self.ntc_zero_std | self.ntc_single_category
+
+    @property
+    def technical_correction_applied(self) -> np.ndarray:
+        """Not excluded."""
+        return ~self.ntc_excluded_from_fit
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """All five flags by their result names."""
+        return {
+            "ntc_zero_count": self.ntc_zero_count,
+            "ntc_zero_std": self.ntc_zero_std,
+            "ntc_single_category": self.ntc_single_category,
+            "ntc_excluded_from_fit": self.ntc_excluded_from_fit,
+            "technical_correction_applied": self.technical_correction_applied,
+        }
+
+
+class Family(ABC):
+    """The behaviour of one distribution: filters, priors, inits, sites, likelihood."""
+
+    spec: DistributionSpec
+    #: latent sites the guide covers, in the order they are sampled
+    latent_sites: tuple[str, ...]
+    #: the raw effect site (zero-filled for excluded features)
+    effect_site: str
+
+    @abstractmethod
+    def flags(self, data: FitArrays) -> FilterFlags:
+        """SPEC "Feature filters", on the cells that are fit."""
+
+    @abstractmethod
+    def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
+        """Empirical prior parameters for the fit features."""
+
+    @abstractmethod
+    def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
+        """Data-driven initial values (sites not named start at the prior median)."""
+
+    @abstractmethod
+    def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
+        """Pyro sample statements for every latent site; returns the site values."""
+
+    @abstractmethod
+    def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
+        """The likelihood of the fit cells' data (a pyro observe statement)."""
+
+    @abstractmethod
+    def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
+        """T, read off the prior inputs."""
+
+    @abstractmethod
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """The result arrays, in the order they are written."""
+
+    @abstractmethod
+    def derive(self, samples: dict[str, torch.Tensor], n_groups: int) -> dict[str, torch.Tensor]:
+        """Result arrays for the fit features from posterior draws of the latents [S, ...]."""
+
+    @abstractmethod
+    def n_latent(self, n_groups: int, n_features: int) -> int:
+        """Number of latent scalars, for the guide choice."""

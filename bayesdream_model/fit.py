@@ -1,0 +1,107 @@
+"""Fit the technical model to the fit cells' data; rebuild a fitted guide from its params."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+
+from bayesdream_model.data import FitArrays, FitTensors
+from bayesdream_model.distributions.base import Family
+from bayesdream_model.errors import ModelError
+from bayesdream_model.guides import GuideKind, build_guide, choose_guide, elbo_for
+from bayesdream_model.inference import ProgressFn, SviResult, SviSettings, run_svi
+from bayesdream_model.model import TechnicalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Optimiser options; `niters=None` means the default for the family and guide."""
+
+    niters: int | None = None
+    lr: float = 1e-3
+    tolerance: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    vram_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class FittedModel:
+    """A fitted guide with what is needed to sample from it and to store it."""
+
+    family: Family
+    model: TechnicalModel
+    guide: object
+    guide_kind: GuideKind
+    n_features: int
+    svi: SviResult | None = None
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The guide's state (unconstrained parameters), for storage."""
+        return {k: v.detach().cpu().numpy() for k, v in self.guide.state_dict().items()}
+
+    def prior_inputs(self) -> dict[str, np.ndarray]:
+        """The empirical prior parameters, for storage."""
+        return {k: v.detach().cpu().numpy() for k, v in self.model.inputs.items()}
+
+
+def fit_technical(
+    family: Family, data: FitArrays, options: FitOptions, *, on_progress: ProgressFn | None = None
+) -> FittedModel:
+    """SVI fit of the technical model on `data` (fit features only)."""
+    device = torch.device(options.device)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(options.seed)
+    inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
+    model = TechnicalModel(family, inputs, data.n_groups, FitTensors.from_arrays(data, device))
+    choice = choose_guide(
+        family,
+        n_groups=data.n_groups,
+        n_features=data.n_features,
+        device=device,
+        vram_bytes=options.vram_bytes,
+    )
+    log.info("guide: %s (%s)", choice.kind, choice.reason)
+    guide = build_guide(model, choice.kind, family.initial_values(data))
+    guide(observe=False)  # build the guide's parameters before the first step
+    guide.to(device)
+    settings = SviSettings(
+        niters=options.niters or choice.default_niters, lr=options.lr, tolerance=options.tolerance
+    )
+    result = run_svi(model, guide, elbo_for(choice.kind), settings, on_progress=on_progress)
+    if result.stop_reason.startswith("non-finite"):
+        raise ModelError(
+            f"SVI {result.stop_reason} for '{family.spec.name}': lower fit.lr (now {options.lr})"
+            " or check the input for extreme values."
+        )
+    return FittedModel(family, model, guide, choice.kind, data.n_features, result)
+
+
+def restore_fitted(
+    family: Family,
+    *,
+    inputs: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    guide_kind: GuideKind,
+    n_groups: int,
+    device: str = "cpu",
+) -> FittedModel:
+    """Rebuild a fitted guide from stored prior inputs and guide parameters (no data)."""
+    pyro.clear_param_store()
+    tensors = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
+    model = TechnicalModel(family, tensors, n_groups, None)
+    guide = build_guide(model, guide_kind, {})
+    guide(observe=False)
+    state = {k: torch.as_tensor(v, device=device) for k, v in params.items()}
+    try:
+        guide.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelError(f"Stored guide parameters do not match the {guide_kind} guide: {err}") from err
+    n_features = int(np.asarray(inputs[next(iter(inputs))]).shape[-1])
+    return FittedModel(family, model, guide, guide_kind, n_features)

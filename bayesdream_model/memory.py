@@ -1,0 +1,113 @@
+"""Memory planning for posterior sampling (SPEC "Posterior sampling"): arithmetic only.
+
+The tasks layer reads the environment (SLURM variables, psutil, CUDA) and passes numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+BYTES_PER_FLOAT = 4
+SLURM_SAFETY = 0.7
+SHARED_SAFETY = 0.35
+MIN_BATCH, MAX_BATCH = 10, 100
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Usable bytes, where the number came from, and the safety factor that goes with it."""
+
+    usable_bytes: int
+    source: str
+    safety: float
+
+    @property
+    def safe_bytes(self) -> float:
+        """What planning may use."""
+        return self.usable_bytes * self.safety
+
+
+def slurm_bytes(environ: Mapping[str, str]) -> int | None:
+    """The SLURM allocation: SLURM_MEM_PER_NODE, else SLURM_MEM_PER_CPU x CPUs (MB units)."""
+    try:
+        if "SLURM_MEM_PER_NODE" in environ:
+            return int(environ["SLURM_MEM_PER_NODE"]) * MIB
+        if "SLURM_MEM_PER_CPU" in environ:
+            for key in ("SLURM_CPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "SLURM_JOB_CPUS_PER_NODE"):
+                if key in environ:
+                    return int(environ["SLURM_MEM_PER_CPU"]) * int(environ[key]) * MIB
+    except ValueError:
+        return None
+    return None
+
+
+def memory_budget(
+    environ: Mapping[str, str], *, available_ram: int, cuda_free: int | None = None
+) -> MemoryBudget:
+    """CUDA free memory when sampling on a GPU; else SLURM's allocation; else available RAM."""
+    if cuda_free is not None:
+        return MemoryBudget(cuda_free, "cuda free memory", SHARED_SAFETY)
+    slurm = slurm_bytes(environ)
+    if slurm is not None:
+        return MemoryBudget(slurm, "SLURM allocation", SLURM_SAFETY)
+    return MemoryBudget(available_ram, "available RAM (psutil)", SHARED_SAFETY)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How many posterior draws per batch, and whether a batch is drawn vectorised."""
+
+    nsamples: int
+    batch_size: int
+    parallel: bool
+    bytes_per_sample: int
+    reason: str
+
+    @property
+    def n_batches(self) -> int:
+        """Batches needed for all draws."""
+        return -(-self.nsamples // self.batch_size)
+
+    def batches(self) -> list[tuple[int, int]]:
+        """(start, stop) of every batch."""
+        return [
+            (s, min(s + self.batch_size, self.nsamples))
+            for s in range(0, self.nsamples, self.batch_size)
+        ]
+
+
+def bytes_per_sample(n_cells: int, n_features: int, n_groups: int) -> int:
+    """(2CT + 3T) floats of parameters + 4 NT floats of temporaries."""
+    params = (2 * n_groups * n_features + 3 * n_features) * BYTES_PER_FLOAT
+    return params + 4 * n_cells * n_features * BYTES_PER_FLOAT
+
+
+def plan_sampling(
+    *,
+    nsamples: int,
+    shape: tuple[int, int, int],
+    budget: MemoryBudget,
+    user_batch: int | None = None,
+) -> SamplingPlan:
+    """One vectorised draw when it fits; else batches of 10-100, parallel off.
+
+    `shape` is (N cells, T features, C groups). A user-given batch size wins.
+    """
+    n_cells, n_features, n_groups = shape
+    per_sample = bytes_per_sample(n_cells, n_features, n_groups)
+    if user_batch is not None:
+        batch = min(user_batch, nsamples)
+        return SamplingPlan(nsamples, batch, True, per_sample, "batch size given by the user")
+    input_bytes = (n_cells * n_features + n_cells) * BYTES_PER_FLOAT
+    at_once = int((budget.safe_bytes - input_bytes) // per_sample)
+    if at_once >= nsamples:
+        reason = f"all {nsamples} draws fit in {budget.safe_bytes / 1e9:.2f} GB ({budget.source})"
+        return SamplingPlan(nsamples, nsamples, True, per_sample, reason)
+    batch = max(MIN_BATCH, min(MAX_BATCH, at_once)) if at_once >= MIN_BATCH else max(1, at_once)
+    reason = (
+        f"{at_once} draws fit in {budget.safe_bytes / 1e9:.2f} GB ({budget.source}): "
+        f"batches of {batch}, parallel off"
+    )
+    return SamplingPlan(nsamples, batch, False, per_sample, reason)

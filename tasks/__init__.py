@@ -1,0 +1,1 @@
+"""Prefect tasks: every piece of I/O (files, Zarr, environment) lives here."""

@@ -1,0 +1,311 @@
+"""Modality matrices: cheap pre-flight checks, then a block-by-block copy into the store.
+
+`check_modality` opens the files and checks names, shapes and cell ids before any
+store exists. `ingest_modality` then writes `inputs/<name>/counts` [T, N_table(, K)]
+in the cells table's order (cells are matched by id, never by position; columns of
+cells the matrix lacks are NaN), checking values one block of features at a time.
+A failure deletes the modality's group: nothing half-written remains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from tasks.config import ModalityConfig, RunConfig
+from tasks.errors import InputDataError
+from tasks.ingest.readers import MatrixReader, open_matrix
+from tasks.store import (
+    CELL_CHUNK,
+    FEATURE_CHUNK,
+    fresh_group,
+    inputs_key,
+    mark_complete,
+    write_array,
+    write_strings,
+)
+
+logger = logging.getLogger(__name__)
+
+# Kept here until the model's distribution registry can be imported by the tasks.
+COUNT_DISTRIBUTIONS = frozenset({"negbinom", "binomial", "multinomial"})  # values >= 0
+THREE_D_DISTRIBUTIONS = frozenset({"multinomial"})  # features x cells x K
+SHOW = 5  # ids quoted in a message
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
+class ModalityPlan:
+    """What pre-flight learnt about a modality: names, shape and the cell matching."""
+
+    name: str
+    distribution: str
+    shape: tuple[int, ...]  # of the matrix file: (T, N_matrix(, K))
+    feature_names: np.ndarray  # [T]
+    table_position: np.ndarray  # [N_matrix] int64: column of each matrix cell in the table
+    present: np.ndarray  # [N_table] bool: table cells the matrix has
+
+    @property
+    def n_table_cells(self) -> int:
+        """Columns of the stored matrix: one per row of the cells table."""
+        return len(self.present)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of `inputs/<name>/counts`: [T, N_table(, K)]."""
+        return (self.shape[0], self.n_table_cells, *self.shape[2:])
+
+
+def check_modality(
+    cfg: RunConfig, name: str, cell_table_ids: Sequence[str] | np.ndarray
+) -> ModalityPlan:
+    """Open a modality's files and check everything that needs no full pass over values."""
+    mod = cfg.modalities[name]
+    counts, denominator = open_modality(mod)
+    _check_dims(counts, mod, name)
+    _check_unique(counts.feature_names, "feature names", counts.path)
+    _check_unique(counts.cell_ids, "cell ids", counts.path)
+    if denominator is not None:
+        _check_denominator(counts, denominator, name)
+    if mod.cis_feature is not None and mod.cis_feature not in set(counts.feature_names):
+        raise InputDataError(
+            f"cis_feature '{mod.cis_feature}' of modality '{name}' is not among the "
+            f"{counts.shape[0]} feature names of '{counts.path}' (first: "
+            f"{_first_ids(counts.feature_names)}); check `modalities.{name}.cis_feature`."
+        )
+    table_position, present = _match_cells(counts, np.asarray(cell_table_ids).astype(str))
+    return ModalityPlan(
+        name=name,
+        distribution=mod.distribution,
+        shape=counts.shape,
+        feature_names=counts.feature_names,
+        table_position=table_position,
+        present=present,
+    )
+
+
+def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | None]:
+    """Readers for the counts and (binomial) the denominator, which may borrow names."""
+    counts = open_matrix(mod.counts, features=mod.features, cells=mod.cells)
+    if mod.denominator is None:
+        return counts, None
+    denominator = open_matrix(
+        mod.denominator,
+        features=mod.features if mod.features is not None else counts.feature_names,
+        cells=mod.cells if mod.cells is not None else counts.cell_ids,
+    )
+    return counts, denominator
+
+
+def _check_dims(reader: MatrixReader, mod: ModalityConfig, name: str) -> None:
+    """Multinomial is features x cells x K; every other distribution is 2-D."""
+    expected = 3 if mod.distribution in THREE_D_DISTRIBUTIONS else 2
+    if len(reader.shape) != expected:
+        layout = "features x cells x K" if expected == 3 else "features x cells"
+        raise InputDataError(
+            f"Modality '{name}' ({mod.distribution}): '{reader.path}' has shape "
+            f"{reader.shape}, expected {expected}-D ({layout})."
+        )
+
+
+def _check_unique(names: np.ndarray, what: str, path: Path) -> None:
+    """Names are join keys: a repeat would make a match ambiguous."""
+    index = pd.Index(names)
+    if not index.is_unique:
+        repeated = index[index.duplicated()].unique()
+        raise InputDataError(
+            f"'{path}' has {len(repeated)} duplicated {what} (first: "
+            f"{_first_ids(repeated)}); {what} must be unique."
+        )
+
+
+def _check_denominator(counts: MatrixReader, denominator: MatrixReader, name: str) -> None:
+    """The denominator must match the counts exactly: shape, features and cells, in order."""
+    if denominator.shape != counts.shape:
+        raise InputDataError(
+            f"Binomial modality '{name}': denominator '{denominator.path}' has shape "
+            f"{denominator.shape} but counts '{counts.path}' have shape {counts.shape}; "
+            "they must have exactly the same shape."
+        )
+    for what, mine, theirs in [
+        ("feature names", counts.feature_names, denominator.feature_names),
+        ("cell ids", counts.cell_ids, denominator.cell_ids),
+    ]:
+        differ = np.flatnonzero(np.asarray(mine) != np.asarray(theirs))
+        if differ.size:
+            i = int(differ[0])
+            raise InputDataError(
+                f"Binomial modality '{name}': {what} of denominator '{denominator.path}' "
+                f"differ from counts '{counts.path}' at position {i} "
+                f"({str(theirs[i])!r} vs {str(mine[i])!r}); both must list them in the same order."
+            )
+
+
+def _match_cells(reader: MatrixReader, table_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column of each matrix cell in the cells table, and which table cells are present."""
+    position = pd.Index(table_ids).get_indexer(reader.cell_ids)  # -1: not in the table
+    unknown = reader.cell_ids[position < 0]
+    if unknown.size:
+        raise InputDataError(
+            f"'{reader.path}' has {unknown.size} cell id(s) that are not in the cells table "
+            f"(first: {_first_ids(unknown)}); every matrix cell needs a row in the table."
+        )
+    present = np.zeros(len(table_ids), dtype=bool)
+    present[position] = True
+    absent = int((~present).sum())
+    if absent:
+        logger.warning(
+            "%d of %d cells in the cells table are absent from '%s' (first: %s); "
+            "they are stored as missing (NaN) for this modality.",
+            absent,
+            len(table_ids),
+            reader.path,
+            _first_ids(table_ids[~present]),
+        )
+    return position.astype(np.int64), present
+
+
+def ingest_modality(
+    root: zarr.Group,
+    cfg: RunConfig,
+    name: str,
+    plan: ModalityPlan,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> zarr.Group:
+    """Write `inputs/<name>/` block by block, checking values; mark it complete last."""
+    log = log if log is not None else logger
+    mod = cfg.modalities[name]
+    counts, denominator = open_modality(mod)
+    if counts.shape != plan.shape:
+        raise InputDataError(
+            f"'{counts.path}' changed since it was checked: shape {counts.shape}, "
+            f"planned {plan.shape}. Run again."
+        )
+    key = inputs_key(name)
+    group = fresh_group(
+        root,
+        key,
+        "bayesdream-modality",
+        distribution=mod.distribution,
+        source=str(mod.counts),
+        denominator_source=None if mod.denominator is None else str(mod.denominator),
+        n_cells_present=int(plan.present.sum()),
+    )
+    try:
+        _copy_blocks(group, plan, (counts, denominator), log)
+        write_strings(group, "feature_names", plan.feature_names)
+        write_array(group, "present", plan.present)
+        mark_complete(group)
+    except BaseException:
+        if key in root:
+            del root[key]
+        raise
+    log.info("Modality '%s': ingested %s from '%s'.", name, plan.stored_shape, counts.path)
+    return group
+
+
+def _copy_blocks(
+    group: zarr.Group,
+    plan: ModalityPlan,
+    readers: tuple[MatrixReader, MatrixReader | None],
+    log: logging.Logger | logging.LoggerAdapter,
+) -> None:
+    """Copy FEATURE_CHUNK rows at a time (chunk-aligned), in cells-table column order."""
+    counts, denominator = readers
+    targets = {"counts": _create(group, "counts", plan)}
+    blocks = counts.iter_feature_blocks(FEATURE_CHUNK)
+    if denominator is None:
+        pairs = zip(blocks, itertools.repeat(None))
+    else:
+        targets["denominator"] = _create(group, "denominator", plan)
+        pairs = zip(blocks, denominator.iter_feature_blocks(FEATURE_CHUNK), strict=True)
+    n_features = plan.shape[0]
+    for (start, y), other in pairs:
+        n = None if other is None else other[1]
+        _check_values(y, n, start=start, plan=plan, readers=readers)
+        stop = start + len(y)
+        targets["counts"][start:stop] = _table_order(y, plan)
+        if n is not None:
+            targets["denominator"][start:stop] = _table_order(n, plan)
+        log.info(
+            "Modality '%s': features %d-%d of %d written.", plan.name, start + 1, stop, n_features
+        )
+
+
+def _create(group: zarr.Group, name: str, plan: ModalityPlan) -> zarr.Array:
+    """A NaN-filled float32 array chunked (features, cells(, K))."""
+    chunks = (FEATURE_CHUNK, CELL_CHUNK, *plan.shape[2:])
+    return group.create_array(
+        name, shape=plan.stored_shape, chunks=chunks, dtype="float32", fill_value=np.nan
+    )
+
+
+def _table_order(block: np.ndarray, plan: ModalityPlan) -> np.ndarray:
+    """Scatter matrix columns to their cells-table columns; absent cells stay NaN."""
+    n_table = plan.n_table_cells
+    if len(plan.table_position) == n_table and np.array_equal(
+        plan.table_position, np.arange(n_table)
+    ):
+        return block
+    out = np.full((block.shape[0], n_table, *block.shape[2:]), np.nan, dtype=np.float32)
+    out[:, plan.table_position] = block
+    return out
+
+
+def _check_values(
+    y: np.ndarray,
+    n: np.ndarray | None,
+    *,
+    start: int,
+    plan: ModalityPlan,
+    readers: tuple[MatrixReader, MatrixReader | None],
+) -> None:
+    """Counts (and denominators) >= 0 and finite; binomial counts <= denominators."""
+    if plan.distribution not in COUNT_DISTRIBUTIONS:
+        return  # normal / studentt: NaN and Inf are missing values
+    for values, reader in [(y, readers[0]), (n, readers[1])]:
+        if values is None or reader is None:
+            continue
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            where, value = _first(bad, values, start, plan, reader)
+            raise InputDataError(
+                f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs finite, "
+                f"non-negative counts, but {where} is {value} ({int(bad.sum())} such "
+                f"value(s) among features {start + 1}-{start + len(values)})."
+            )
+    if n is not None:
+        bad = y > n
+        if bad.any():
+            where, value = _first(bad, y, start, plan, readers[0])
+            _, total = _first(bad, n, start, plan, readers[0])
+            raise InputDataError(
+                f"'{readers[0].path}': binomial modality '{plan.name}' has counts above their "
+                f"denominator ('{readers[1].path}'): {where} is {value} > {total} "
+                f"({int(bad.sum())} such value(s) among features {start + 1}-"
+                f"{start + len(y)})."
+            )
+
+
+def _first(
+    bad: np.ndarray, values: np.ndarray, start: int, plan: ModalityPlan, reader: MatrixReader
+) -> tuple[str, float]:
+    """Describe the first flagged entry: "feature 'X' in cell 'c7' (category 2)"."""
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = (
+        f"feature '{plan.feature_names[start + index[0]]}' in cell '{reader.cell_ids[index[1]]}'"
+    )
+    if len(index) == 3:
+        where += f" (category {index[2]})"
+    return where, values[index].item()
+
+
+def _first_ids(values: Sequence[str] | np.ndarray) -> list[str]:
+    """The first few ids as plain strings, for messages."""
+    return [str(v) for v in list(values)[:SHOW]]

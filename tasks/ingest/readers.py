@@ -1,0 +1,335 @@
+"""Uniform readers for features x cells (x K) matrices in the formats screens arrive in.
+
+Every reader exposes `path`, `feature_names` [T], `cell_ids` [N], `shape` (T, N(, K))
+and `iter_feature_blocks(block_rows)`, which yields `(start, block)` with `block` a
+dense float32 array of `block_rows` features (fewer at the end). Only one block is
+ever dense: sparse inputs are sliced by rows, CSV/TSV files are parsed in row chunks.
+
+Formats (chosen by suffix): `.csv`/`.tsv`/`.txt` (optionally `.gz`; first column =
+feature names, header = cell ids), `.npz` (scipy.sparse), `.npy` (memory-mapped),
+a 10x Matrix Market folder, and `.h5ad` (cells x features, transposed here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+from tasks.errors import InputDataError
+
+logger = logging.getLogger(__name__)
+
+NameSource = Path | Sequence[str] | np.ndarray | None
+DELIMITED = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+SUPPORTED = ".csv, .tsv, .txt (optionally .gz), .npz, .npy, .h5ad or a 10x mtx folder"
+
+
+class MatrixReader:
+    """Base reader: names, shape and block iteration over feature rows."""
+
+    path: Path
+    feature_names: np.ndarray
+    cell_ids: np.ndarray
+    shape: tuple[int, ...]
+
+    def iter_feature_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield `(start, dense float32 block [rows, N(, K)])` over all features."""
+        if block_rows <= 0:
+            raise ValueError(f"block_rows must be positive, got {block_rows}")
+        for start in range(0, self.shape[0], block_rows):
+            stop = min(start + block_rows, self.shape[0])
+            yield start, self._rows(start, stop)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ArrayReader(MatrixReader):
+    """An in-memory or memory-mapped matrix: dense ndarray, numpy.matrix or scipy sparse."""
+
+    def __init__(
+        self, matrix: Any, *, path: Path, feature_names: np.ndarray, cell_ids: np.ndarray
+    ) -> None:
+        if sp.issparse(matrix):
+            matrix = matrix.tocsr()  # COO/CSC/... -> CSR: row slices are cheap
+        elif not isinstance(matrix, np.ndarray) or isinstance(matrix, np.matrix):
+            matrix = np.asarray(matrix)
+        if matrix.dtype.kind not in "biuf":
+            raise InputDataError(
+                f"Matrix '{path}' has dtype {matrix.dtype}; expected numbers (int, float, bool)."
+            )
+        if matrix.ndim not in (2, 3):
+            raise InputDataError(
+                f"Matrix '{path}' has shape {matrix.shape}; expected features x cells "
+                "(or features x cells x K for multinomial)."
+            )
+        self.matrix, self.path = matrix, path
+        self.shape = tuple(int(d) for d in matrix.shape)
+        self.feature_names, self.cell_ids = feature_names, cell_ids
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        rows = self.matrix[start:stop]
+        if sp.issparse(rows):
+            rows = rows.toarray()
+        return np.asarray(rows, dtype=np.float32)
+
+
+class DelimitedReader(MatrixReader):
+    """CSV/TSV: first column = feature names, header row = cell ids; parsed in chunks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sep = DELIMITED[plain_suffix(path)]
+        header = self._read(header=None, nrows=1, dtype=str, keep_default_na=False)
+        self.cell_ids = header.to_numpy()[0, 1:].astype(str)
+        # A feature named "NA" must stay a name: no NA parsing for the name column.
+        names = self._read(usecols=[0], dtype=str, keep_default_na=False)
+        self.feature_names = names.iloc[:, 0].to_numpy().astype(str)
+        self.shape = (len(self.feature_names), len(self.cell_ids))
+
+    def _read(self, **kwargs: Any) -> Any:
+        """`pandas.read_csv` on this file, with parser errors turned into InputDataError."""
+        try:
+            return pd.read_csv(self.path, sep=self.sep, **kwargs)
+        except (ValueError, pd.errors.ParserError) as err:
+            raise InputDataError(f"Cannot parse '{self.path}' as a matrix: {err}") from None
+
+    def iter_feature_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Parse `block_rows` lines at a time; never the whole file."""
+        # An explicit dict: pandas 2.3 drops a defaultdict's entries after the first chunk.
+        dtype: dict[int, Any] = {0: str} | {i: np.float32 for i in range(1, self.shape[1] + 1)}
+        chunks = self._read(header=None, skiprows=1, index_col=0, chunksize=block_rows, dtype=dtype)
+        start = 0
+        with chunks:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+                except (ValueError, pd.errors.ParserError) as err:
+                    raise InputDataError(
+                        f"Cannot parse '{self.path}' in data rows {start + 1}-"
+                        f"{start + block_rows}: {err} (values must be numbers; "
+                        "empty or NA for missing)"
+                    ) from None
+                if chunk.shape[1] != self.shape[1]:
+                    raise InputDataError(
+                        f"'{self.path}' rows {start + 1}-{start + len(chunk)} have "
+                        f"{chunk.shape[1]} values but the header names {self.shape[1]} cells."
+                    )
+                yield start, chunk.to_numpy(dtype=np.float32)
+                start += len(chunk)
+
+
+class H5adDenseReader(MatrixReader):
+    """A dense `X` in an .h5ad file (cells x features), read a feature slab at a time."""
+
+    def __init__(self, path: Path, *, feature_names: np.ndarray, cell_ids: np.ndarray) -> None:
+        self.path = path
+        with h5py.File(path, "r") as f:
+            n_cells, n_features = f["X"].shape
+        self.shape = (int(n_features), int(n_cells))
+        self.feature_names, self.cell_ids = feature_names, cell_ids
+
+    def iter_feature_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Keep the file open for the pass; yield transposed column slabs."""
+        with h5py.File(self.path, "r") as f:
+            x = f["X"]
+            for start in range(0, self.shape[0], block_rows):
+                stop = min(start + block_rows, self.shape[0])
+                yield start, np.ascontiguousarray(x[:, start:stop].T, dtype=np.float32)
+
+
+def open_matrix(
+    path: Path, *, features: NameSource = None, cells: NameSource = None
+) -> MatrixReader:
+    """Open a matrix file; `features`/`cells` (files or lists) name .npy/.npz matrices."""
+    path = Path(path)
+    if not path.exists():
+        raise InputDataError(f"Matrix '{path}' does not exist.")
+    suffix = plain_suffix(path)
+    if path.is_dir():
+        return _open_mtx_folder(path)
+    if suffix in DELIMITED:
+        return _checked(DelimitedReader(path), feature_source=None, cell_source=None)
+    if suffix == ".h5ad":
+        return _open_h5ad(path)
+    if suffix in (".npy", ".npz"):
+        return _open_unnamed(path, features=features, cells=cells)
+    raise InputDataError(f"Unsupported matrix format '{path.name}'; expected {SUPPORTED}.")
+
+
+def plain_suffix(path: Path) -> str:
+    """The format suffix, ignoring a trailing `.gz` (`x.csv.gz` -> `.csv`)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _load_npz(path: Path) -> Any:
+    """A scipy.sparse matrix saved with `save_npz`."""
+    try:
+        return sp.load_npz(path)
+    except (ValueError, KeyError, OSError) as err:
+        raise InputDataError(
+            f"'{path}' is not a scipy.sparse .npz ({err}); save sparse matrices with "
+            "scipy.sparse.save_npz, or dense ones with numpy.save as .npy."
+        ) from None
+
+
+def _open_unnamed(path: Path, *, features: NameSource, cells: NameSource) -> ArrayReader:
+    """.npy (memory-mapped) or sparse .npz, named by separate lists."""
+    if features is None or cells is None:
+        raise InputDataError(
+            f"'{path}' carries no names: give `features:` and `cells:` name files."
+        )
+    if path.suffix.lower() == ".npz":
+        matrix = _load_npz(path)
+    else:
+        try:
+            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise InputDataError(f"Cannot read '{path}' as a numeric .npy: {err}") from None
+    feature_names, feature_source = _names(features)
+    cell_ids, cell_source = _names(cells)
+    reader = ArrayReader(matrix, path=path, feature_names=feature_names, cell_ids=cell_ids)
+    return _checked(reader, feature_source=feature_source, cell_source=cell_source)
+
+
+def _names(source: NameSource) -> tuple[np.ndarray, Path | None]:
+    """Names from a text file (one per line) or a sequence, with the file for messages."""
+    if isinstance(source, (str, Path)):
+        return read_name_file(Path(source)), Path(source)
+    return np.asarray(source).astype(str), None
+
+
+def read_name_file(path: Path) -> np.ndarray:
+    """One name per line; trailing blank lines are ignored, blank names are refused."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line]
+    if blank:
+        raise InputDataError(f"Name file '{path}' has blank names on line(s) {blank[:5]}.")
+    return np.asarray(lines, dtype=str)
+
+
+def _checked(
+    reader: MatrixReader, *, feature_source: Path | None, cell_source: Path | None
+) -> MatrixReader:
+    """Names must be as many as the matrix's rows (features) and columns (cells)."""
+    checks = [
+        ("Feature", reader.feature_names, reader.shape[0], "rows (features)", feature_source),
+        ("Cell", reader.cell_ids, reader.shape[1], "columns (cells)", cell_source),
+    ]
+    for kind, names, expected, axis, source in checks:
+        if len(names) != expected:
+            origin = f"'{source}' lists" if source is not None else "the list has"
+            raise InputDataError(
+                f"{kind} names: {origin} {len(names)} names but matrix '{reader.path}' "
+                f"has {expected} {axis} (shape {reader.shape}); one name per line, "
+                "in matrix order."
+            )
+    return reader
+
+
+def _find(folder: Path, *stems: str) -> Path | None:
+    """The first of `stem` or `stem.gz` present in `folder`."""
+    for stem in stems:
+        for name in (stem, f"{stem}.gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _open_mtx_folder(folder: Path) -> ArrayReader:
+    """10x folder: matrix.mtx (features x cells), features.tsv/genes.tsv, barcodes.tsv."""
+    matrix = _find(folder, "matrix.mtx")
+    features = _find(folder, "features.tsv", "genes.tsv")
+    barcodes = _find(folder, "barcodes.tsv")
+    missing = [
+        n
+        for n, p in [("matrix.mtx", matrix), ("features.tsv", features), ("barcodes.tsv", barcodes)]
+        if p is None
+    ]
+    if missing:
+        raise InputDataError(
+            f"10x folder '{folder}' lacks {missing} (also looked for .gz and genes.tsv)."
+        )
+    table = pd.read_csv(features, sep="\t", header=None, dtype=str, keep_default_na=False)
+    names = table.iloc[:, 1] if table.shape[1] > 1 else table.iloc[:, 0]
+    if table.shape[1] > 1 and names.duplicated().any():
+        logger.warning(
+            "'%s': %d gene symbols are duplicated; using the feature ids (first column).",
+            features,
+            int(names.duplicated().sum()),
+        )
+        names = table.iloc[:, 0]
+    cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str, keep_default_na=False)
+    reader = ArrayReader(
+        sp.csr_matrix(scipy.io.mmread(matrix)),
+        path=folder,
+        feature_names=names.to_numpy().astype(str),
+        cell_ids=cells.iloc[:, 0].to_numpy().astype(str),
+    )
+    return _checked(reader, feature_source=features, cell_source=barcodes)
+
+
+def _open_h5ad(path: Path) -> MatrixReader:
+    """AnnData file: X (dense, CSR or CSC) is cells x features; names from obs/var."""
+    with h5py.File(path, "r") as f:
+        if "X" not in f:
+            raise InputDataError(f"'{path}' has no X matrix.")
+        cells = _h5_index(f, "obs", path)
+        features = _h5_index(f, "var", path)
+        x = f["X"]
+        dense = isinstance(x, h5py.Dataset)
+        matrix = None if dense else _h5_sparse(x, path)
+    if dense:
+        reader: MatrixReader = H5adDenseReader(path, feature_names=features, cell_ids=cells)
+    else:  # cells x features -> features x cells; CSR of the transpose for row blocks
+        reader = ArrayReader(matrix.T.tocsr(), path=path, feature_names=features, cell_ids=cells)
+    return _checked(reader, feature_source=None, cell_source=None)
+
+
+def _h5_sparse(group: h5py.Group, path: Path) -> sp.spmatrix:
+    """An anndata sparse group (`encoding-type` csr/csc_matrix, or old h5sparse attrs)."""
+    attrs = group.attrs
+    kind = str(attrs.get("encoding-type", attrs.get("h5sparse_format", "")))
+    shape = tuple(int(d) for d in attrs.get("shape", attrs.get("h5sparse_shape", ())))
+    if kind.startswith("csr"):
+        cls = sp.csr_matrix
+    elif kind.startswith("csc"):
+        cls = sp.csc_matrix
+    else:
+        raise InputDataError(f"'{path}': X has unsupported encoding '{kind}' (csr/csc only).")
+    parts = (group["data"][...], group["indices"][...], group["indptr"][...])
+    return cls(parts, shape=shape)
+
+
+def _h5_index(f: h5py.File, axis: str, path: Path) -> np.ndarray:
+    """obs/var index names, from the dataframe group's `_index` attribute."""
+    if axis not in f:
+        raise InputDataError(f"'{path}' has no '{axis}' table.")
+    frame = f[axis]
+    if isinstance(frame, h5py.Dataset):  # very old h5ad: a compound dataset
+        return _decode(frame["index"])
+    column = frame.attrs.get("_index", "_index")
+    column = column.decode() if isinstance(column, bytes) else str(column)
+    if column not in frame:
+        raise InputDataError(f"'{path}': {axis} has no index column '{column}'.")
+    return _decode(frame[column][...])
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    """HDF5 strings arrive as bytes: decode them to str."""
+    return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)
