@@ -1,0 +1,100 @@
+"""The SVI fit of one modality: read the fit data, fit, store the guide and the loss."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import zarr
+
+from bayesdream_model.distributions import get_family
+from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
+from tasks.config import FitConfig
+from tasks.groups import read_groups
+from tasks.prepare import read_fit_arrays, read_flags
+from tasks.resources import resolve_device, set_torch_threads, total_vram
+from tasks.store import fit_key, fresh_group, inputs_key, mark_complete, write_array
+
+logger = logging.getLogger(__name__)
+
+
+class ProgressLogger:
+    """Logs SVI progress every `every` steps (and on the last)."""
+
+    def __init__(self, log: logging.Logger, name: str, *, every: int = 500) -> None:
+        self.log, self.name, self.every = log, name, every
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, niters: int, loss: float) -> None:
+        """The callback handed to the SVI loop."""
+        if step % self.every == 0 or step + 1 == niters:
+            rate = (step + 1) / max(time.perf_counter() - self.start, 1e-9)
+            self.log.info(
+                "%s: SVI step %d/%d (%.0f%%), loss %.4e, %.1f steps/s",
+                self.name, step + 1, niters, 100 * (step + 1) / niters, loss, rate,
+            )
+
+
+def fit_modality(
+    root: zarr.Group, name: str, fit: FitConfig, log: logging.Logger | None = None
+) -> dict:
+    """Fit `name` on its fit features; writes `fit/<name>/` (complete last). Returns a summary."""
+    log = log or logger
+    family = get_family(root[inputs_key(name)].attrs["distribution"])
+    groups = read_groups(root)
+    features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
+    data = read_fit_arrays(root, name, groups, features=features)
+    device = resolve_device(fit.device)
+    threads = set_torch_threads(data.y.size)
+    log.info(
+        "Modality '%s': fitting %s on %d cells x %d features, %d groups, device %s (%d threads)",
+        name, family.spec.name, data.n_cells, data.n_features, data.n_groups, device, threads,
+    )
+    options = FitOptions(
+        niters=fit.niters, lr=fit.lr, tolerance=fit.tolerance, seed=fit.seed, device=device,
+        vram_bytes=total_vram(device),
+    )
+    fitted = fit_technical(family, data, options, on_progress=ProgressLogger(log, name))
+    _write_fit(root, name, fitted, features, device)
+    return {"niters_run": fitted.svi.niters_run, "stop_reason": fitted.svi.stop_reason}
+
+
+def _write_fit(
+    root: zarr.Group, name: str, fitted: FittedModel, features: np.ndarray, device: str
+) -> None:
+    """Guide state, prior inputs, loss trace and how the fit went."""
+    group = fresh_group(
+        root,
+        fit_key(name),
+        "bayesdream-fit",
+        distribution=fitted.family.spec.name,
+        guide=fitted.guide_kind,
+        device=device,
+        n_groups=fitted.model.n_groups,
+        niters_run=fitted.svi.niters_run,
+        stop_reason=fitted.svi.stop_reason,
+        fit_seconds=fitted.svi.seconds,
+    )
+    params = group.require_group("params")
+    for key, value in fitted.params().items():
+        write_array(params, key, value)
+    inputs = group.require_group("inputs")
+    for key, value in fitted.prior_inputs().items():
+        write_array(inputs, key, value)
+    write_array(group, "loss", fitted.svi.losses.astype(np.float64))
+    write_array(group, "features", features.astype(np.int64))
+    mark_complete(group)
+
+
+def load_fitted(root: zarr.Group, name: str, *, device: str = "cpu") -> FittedModel:
+    """Rebuild the fitted guide stored in `fit/<name>/`."""
+    group = root[fit_key(name)]
+    return restore_fitted(
+        get_family(group.attrs["distribution"]),
+        inputs={k: a[...] for k, a in group["inputs"].arrays()},
+        params={k: a[...] for k, a in group["params"].arrays()},
+        guide_kind=group.attrs["guide"],
+        n_groups=int(group.attrs["n_groups"]),
+        device=device,
+    )

@@ -1,0 +1,118 @@
+"""The fit cells' data read back from the store, and the NTC feature filters."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import zarr
+
+from bayesdream_model.data import FitArrays
+from bayesdream_model.distributions import FilterFlags, get_family
+from bayesdream_model.errors import NoFeaturesLeftError
+from tasks.errors import InputDataError
+from tasks.groups import GroupAssignment
+from tasks.store import (
+    CELLS,
+    FEATURE_CHUNK,
+    fresh_group,
+    inputs_key,
+    mark_complete,
+    prep_key,
+    write_array,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def fit_cell_index(root: zarr.Group, name: str, groups: GroupAssignment) -> np.ndarray:
+    """Columns (cells of the table) that are fit for this modality; every group needs some."""
+    present = root[inputs_key(name)]["present"][...]
+    index = np.flatnonzero(groups.fit & present)
+    per_group = np.bincount(groups.code[index], minlength=len(groups.labels))
+    missing = [groups.labels[g] for g in np.flatnonzero(per_group == 0)]
+    if missing:
+        raise InputDataError(
+            f"Modality '{name}': technical groups {missing} have no fit cells in its matrix "
+            f"(store key '{inputs_key(name)}/present'); add their NTC cells to the matrix."
+        )
+    return index
+
+
+def _read_columns(array: zarr.Array, cells: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """[N_fit, T_sel(, K)] float32 from a [T, N(, K)] array, one feature block at a time."""
+    out = np.empty((len(cells), len(features), *array.shape[2:]), dtype=np.float32)
+    for start in range(0, len(features), FEATURE_CHUNK):
+        block = features[start : start + FEATURE_CHUNK]
+        values = array.get_orthogonal_selection((block, cells))  # [t, n(, K)]
+        out[:, start : start + len(block)] = np.swapaxes(values, 0, 1)
+    return out
+
+
+def read_fit_arrays(
+    root: zarr.Group,
+    name: str,
+    groups: GroupAssignment,
+    *,
+    features: np.ndarray | None = None,
+) -> FitArrays:
+    """The fit cells' counts (and size factors / denominator when the family needs them)."""
+    group = root[inputs_key(name)]
+    family = get_family(group.attrs["distribution"])
+    cells = fit_cell_index(root, name, groups)
+    counts = group["counts"]
+    features = np.arange(counts.shape[0]) if features is None else np.asarray(features)
+    sum_factor = None
+    if family.spec.needs_sum_factor:
+        sum_factor = root[CELLS]["sum_factor"][...][cells].astype(np.float32)
+    denominator = None
+    if family.spec.needs_denominator:
+        denominator = _read_columns(group["denominator"], cells, features)
+    return FitArrays(
+        y=_read_columns(counts, cells, features),
+        groups=groups.code[cells],
+        n_groups=len(groups.labels),
+        sum_factor=sum_factor,
+        denominator=denominator,
+    )
+
+
+def filter_features(
+    root: zarr.Group, name: str, groups: GroupAssignment, log: logging.Logger | None = None
+) -> FilterFlags:
+    """SPEC "Feature filters" on the fit cells; writes `prep/<name>/` (complete last)."""
+    log = log or logger
+    distribution = root[inputs_key(name)].attrs["distribution"]
+    flags = get_family(distribution).flags(read_fit_arrays(root, name, groups))
+    excluded = flags.ntc_excluded_from_fit
+    if excluded.all():
+        raise NoFeaturesLeftError(
+            f"Modality '{name}': all {len(excluded)} features were excluded by the NTC filters "
+            f"({_reasons(flags)}); check that the matrix holds NTC cells with counts."
+        )
+    group = fresh_group(root, prep_key(name), "bayesdream-filters", distribution=distribution)
+    for flag, values in flags.as_dict().items():
+        write_array(group, flag, values)
+    mark_complete(group)
+    if excluded.any():
+        log.warning("Modality '%s': %d features excluded (%s)", name, excluded.sum(), _reasons(flags))
+    return flags
+
+
+def _reasons(flags: FilterFlags) -> str:
+    """Count each exclusion reason."""
+    return ", ".join(
+        f"{name}: {int(values.sum())}"
+        for name, values in flags.as_dict().items()
+        if name.startswith("ntc_") and name != "ntc_excluded_from_fit"
+    )
+
+
+def read_flags(root: zarr.Group, name: str) -> FilterFlags:
+    """The flags written by `filter_features`."""
+    group = root[prep_key(name)]
+    return FilterFlags(
+        ntc_zero_count=group["ntc_zero_count"][...],
+        ntc_zero_std=group["ntc_zero_std"][...],
+        ntc_single_category=group["ntc_single_category"][...],
+    )

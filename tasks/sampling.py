@@ -1,0 +1,172 @@
+"""Posterior draws of one modality, written batch by batch into preallocated Zarr arrays.
+
+Results cover ALL features of the modality (excluded ones at baseline / NaN), except the
+cis feature, whose draws go to `technical/cis/` under its `_x` names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from bayesdream_model.distributions import OutputSpec
+from bayesdream_model.memory import plan_sampling
+from bayesdream_model.posterior import posterior_batches
+from tasks.fitting import load_fitted
+from tasks.groups import read_groups
+from tasks.prepare import fit_cell_index, read_flags
+from tasks.resources import resolve_device, sampling_budget
+from tasks.store import (
+    CIS_KEY,
+    fit_key,
+    fresh_group,
+    inputs_key,
+    mark_complete,
+    read_strings,
+    results_key,
+    write_array,
+    write_strings,
+)
+
+logger = logging.getLogger(__name__)
+FEATURE_CHUNK_OUT = 4096
+CIS_NAMES = {"alpha_y": "alpha_x", "alpha_y_mult": "alpha_x_mult", "alpha_y_add": "alpha_x_add",
+             "log2_alpha_y": "log2_alpha_x", "o_y": "o_x", "phi_y": "phi_x", "mu_ntc": "mu_ntc"}
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Where each fit feature's draws go: a column of the results, or the cis group."""
+
+    n_results: int  # features in technical/<modality> (cis removed)
+    fit_to_result: np.ndarray  # [T_fit] column in the results, -1 for the cis feature
+    cis_fit_column: int | None  # the cis feature's column among the fit features
+
+
+def feature_layout(names: np.ndarray, fit_features: np.ndarray, cis: str | None) -> FeatureLayout:
+    """Map fit features (indices into `names`) to result columns, cis taken out."""
+    cis_index = None if cis is None else int(np.flatnonzero(names == cis)[0])
+    keep = np.ones(len(names), bool)
+    if cis_index is not None:
+        keep[cis_index] = False
+    column = np.cumsum(keep) - 1
+    fit_to_result = np.where(keep[fit_features], column[fit_features], -1)
+    hits = np.flatnonzero(fit_features == cis_index) if cis_index is not None else []
+    return FeatureLayout(int(keep.sum()), fit_to_result, int(hits[0]) if len(hits) else None)
+
+
+def _shape(out: OutputSpec, n_samples: int, n_groups: int, n_features: int) -> tuple[int, ...]:
+    lead = {"effect": (n_groups,), "raw": (n_groups - 1,), "feature": (), "scalar": None}[out.kind]
+    return (n_samples,) if lead is None else (n_samples, *lead, n_features)
+
+
+def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[str, zarr.Array]:
+    """Full-size arrays filled with each output's baseline/NaN before sampling starts."""
+    arrays = {}
+    for out in outputs:
+        shape = _shape(out, *shape_args)
+        chunks = (batch, *(max(1, min(s, FEATURE_CHUNK_OUT)) for s in shape[1:]))
+        arrays[out.name] = group.create_array(
+            out.name, shape=shape, chunks=chunks, dtype="float32", fill_value=out.fill,
+            overwrite=True,
+        )
+    return arrays
+
+
+def sample_modality(
+    root: zarr.Group, name: str, *, nsamples: int, seed: int, minibatch_size: int | None,
+    device: str, cis_feature: str | None, log: logging.Logger | None = None,
+) -> dict:
+    """Draw `nsamples` posterior samples into `technical/<name>/` (and `technical/cis/`)."""
+    log = log or logger
+    start_time = time.perf_counter()
+    fit_group = root[fit_key(name)]
+    device = resolve_device(device)
+    fitted = load_fitted(root, name, device=device)
+    family, n_groups = fitted.family, fitted.model.n_groups
+    names = read_strings(root[inputs_key(name)], "feature_names")
+    layout = feature_layout(names, fit_group["features"][...], cis_feature)
+    n_cells = len(fit_cell_index(root, name, read_groups(root)))
+    plan = plan_sampling(
+        nsamples=nsamples, shape=(n_cells, fitted.n_features, n_groups),
+        budget=sampling_budget(device), user_batch=minibatch_size,
+    )
+    log.info("Modality '%s': sampling plan: %s", name, plan.reason)
+    group = fresh_group(root, results_key(name), "bayesdream-technical")
+    outputs = family.outputs()
+    arrays = _create_outputs(group, outputs, (nsamples, n_groups, layout.n_results), plan.batch_size)
+    cis_arrays = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
+    in_results = layout.fit_to_result >= 0
+    for start, stop, batch in posterior_batches(fitted, plan, seed=seed):
+        for out in outputs:
+            _write_batch(arrays[out.name], out, batch[out.name], (start, stop), layout, in_results)
+            if cis_arrays and out.name in CIS_NAMES and layout.cis_fit_column is not None:
+                cis_arrays[CIS_NAMES[out.name]][start:stop] = batch[out.name][
+                    ..., layout.cis_fit_column
+                ]
+    seconds = time.perf_counter() - start_time
+    _write_metadata(root, group, name, layout, names, cis_feature, fit_group)
+    group.attrs.update(
+        {"distribution": family.spec.name, "effect_type": family.spec.effect_type,
+         "nsamples": nsamples, "sampling_seconds": seconds, "sampling_batch_size": plan.batch_size}
+    )
+    if cis_arrays:
+        mark_complete(root[CIS_KEY])
+    mark_complete(group)
+    log.info("Modality '%s': %d draws in %.1f s", name, nsamples, seconds)
+    return {"sampling_seconds": seconds, "batch_size": plan.batch_size}
+
+
+def _write_batch(array, out: OutputSpec, values, span, layout: FeatureLayout, in_results) -> None:
+    """Scatter a batch's fit-feature values into the full-size array's region."""
+    start, stop = span
+    if out.kind == "scalar":
+        array[start:stop] = values
+        return
+    region = np.full((stop - start, *array.shape[1:]), out.fill, dtype=np.float32)
+    target = np.moveaxis(region, out.feature_axis, 0)
+    target[layout.fit_to_result[in_results]] = np.moveaxis(values, out.feature_axis, 0)[in_results]
+    array[start:stop] = region
+
+
+def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality):
+    """`technical/cis/` arrays [S, C] / [S, C-1] / [S] at baseline/NaN; None without cis."""
+    if cis_feature is None:
+        return None
+    group = fresh_group(root, CIS_KEY, "bayesdream-cis", feature=cis_feature, modality=modality)
+    renamed = [
+        OutputSpec(CIS_NAMES[o.name], "scalar" if o.kind == "feature" else o.kind, o.fill)
+        for o in outputs if o.name in CIS_NAMES
+    ]
+    arrays = {}
+    for out in renamed:
+        shape = _shape(out, nsamples, n_groups, 1)
+        shape = shape if out.kind == "scalar" else shape[:-1]
+        arrays[out.name] = group.create_array(
+            out.name, shape=shape, chunks=(batch, *(max(1, s) for s in shape[1:])),
+            dtype="float32", fill_value=out.fill, overwrite=True,
+        )
+    return arrays
+
+
+def _write_metadata(root, group, name, layout, names, cis_feature, fit_group) -> None:
+    """Names, labels, flags and the loss trace travel with the results."""
+    keep = names != cis_feature if cis_feature is not None else np.ones(len(names), bool)
+    write_strings(group, "feature_names", names[keep])
+    write_strings(group, "group_labels", read_groups(root).labels)
+    flags = read_flags(root, name).as_dict()
+    for flag, values in flags.items():
+        write_array(group, flag, values[keep])
+    write_array(group, "loss", fit_group["loss"][...])
+    group.attrs.update(
+        {key: fit_group.attrs[key] for key in ("guide", "device", "niters_run", "fit_seconds",
+                                               "stop_reason")}
+    )
+    if cis_feature is not None:
+        cis = root[CIS_KEY]
+        for flag, values in flags.items():
+            cis.attrs[flag] = bool(values[~keep][0])
