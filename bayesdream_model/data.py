@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class FitTensors:
     n_groups: int
     sum_factor: torch.Tensor | None = None
     denominator: torch.Tensor | None = None
+    #: per-group sufficient statistics for families whose likelihood depends on the data
+    #: only through them (computed once, before SVI)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_arrays(cls, data: FitArrays, device: torch.device | str) -> FitTensors:

@@ -9,7 +9,7 @@ import numpy as np
 import pyro
 import torch
 
-from bayesdream_model.data import FitArrays, FitTensors
+from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions.base import Family
 from bayesdream_model.errors import ModelError
 from bayesdream_model.guides import GuideKind, build_guide, choose_guide, elbo_for
@@ -59,7 +59,7 @@ def fit_technical(
     pyro.clear_param_store()
     pyro.set_rng_seed(options.seed)
     inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
-    model = TechnicalModel(family, inputs, data.n_groups, FitTensors.from_arrays(data, device))
+    model = TechnicalModel(family, inputs, data.n_groups, family.tensors(data, device))
     choice = choose_guide(
         family,
         n_groups=data.n_groups,

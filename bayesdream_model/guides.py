@@ -13,7 +13,8 @@ from pyro.distributions.transforms import (
     affine_autoregressive,
 )
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal, AutoNormalizingFlow
 from pyro.infer.autoguide.guides import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
@@ -21,7 +22,7 @@ from bayesdream_model.distributions.base import Family
 
 log = logging.getLogger(__name__)
 
-GuideKind = Literal["mean_field", "iaf"]
+GuideKind = Literal["mean_field", "iaf", "point_baseline"]
 CPU_FLOW_MAX_LATENT = 5000
 VRAM_RESERVE_BYTES = 10 * 1024**3
 MEAN_FIELD_FALLBACK_NITERS = 100_000
@@ -46,6 +47,8 @@ def choose_guide(
 ) -> GuideChoice:
     """IAF for negbinom when it fits (GPU: below VRAM - 10 GB; CPU: <= 5000 latents)."""
     default = family.spec.default_niters
+    if family.spec.guide == "point_baseline":
+        return GuideChoice("point_baseline", default, "point mass on " + ", ".join(family.point_sites))
     if family.spec.guide != "flow_if_fits":
         return GuideChoice("mean_field", default, f"{family.spec.name} uses a mean-field guide")
     n_latent = family.n_latent(n_groups, n_features)
@@ -105,6 +108,12 @@ def build_guide(model, kind: GuideKind, init_values: dict[str, torch.Tensor]):
     """An autoguide over every latent site of `model`."""
     if kind == "iaf":
         return AutoAnchoredIAFNormal(model, init_loc_fn=init_fn(init_values))
+    if kind == "point_baseline":
+        points = list(model.family.point_sites)
+        guide = AutoGuideList(model)
+        guide.append(AutoDelta(poutine.block(model, expose=points), init_loc_fn=init_fn(init_values)))
+        guide.append(AutoNormal(poutine.block(model, hide=points), init_loc_fn=init_fn(init_values)))
+        return guide
     return AutoNormal(model, init_loc_fn=init_fn(init_values))
 
 

@@ -62,3 +62,77 @@ def simulate_negbinom_screen(
         feature_names=np.array([f"gene{t:05d}" for t in range(n_features)]),
         cell_ids=np.array([f"cell{n:06d}" for n in range(n_cells)]),
     )
+
+
+@dataclass(frozen=True)
+class SimulatedModality:
+    """Data of any family drawn with known group effects; arrays are features x cells (x K)."""
+
+    y: np.ndarray  # [T, N] (multinomial [T, N, K]); NaN = missing for continuous data
+    groups: np.ndarray  # [N]
+    effects: np.ndarray  # [C, T] (multinomial [C, T, K], centred), row 0 = 0
+    baseline: np.ndarray  # [T] (multinomial [T, K]): mu_ntc / baseline probabilities
+    denominator: np.ndarray | None = None  # [T, N] (binomial)
+
+
+def _groups(rng: np.random.Generator, n_cells: int, n_groups: int) -> np.ndarray:
+    groups = rng.integers(0, n_groups, size=n_cells)
+    groups[:n_groups] = np.arange(n_groups)
+    return groups
+
+
+def simulate_binomial(
+    *, n_cells: int, n_features: int, n_groups: int, effect_sd: float = 0.5, seed: int = 0
+) -> SimulatedModality:
+    """y ~ Binomial(n, sigmoid(logit(mu) + effect[g])), n ~ Poisson(20) (some 0)."""
+    rng = np.random.default_rng(seed)
+    groups = _groups(rng, n_cells, n_groups)
+    mu = rng.uniform(0.1, 0.9, size=n_features)
+    effects = rng.normal(0.0, effect_sd, size=(n_groups, n_features))
+    effects[0] = 0.0
+    logit = np.log(mu / (1 - mu))[:, None] + effects[groups].T
+    denominator = rng.poisson(20.0, size=(n_features, n_cells))
+    y = rng.binomial(denominator, 1 / (1 + np.exp(-logit)))
+    return SimulatedModality(y, groups, effects, mu, denominator)
+
+
+def simulate_continuous(
+    *,
+    n_cells: int,
+    n_features: int,
+    n_groups: int,
+    student_df: float | None = None,
+    missing: float = 0.1,
+    seed: int = 0,
+) -> SimulatedModality:
+    """y = mu + effect[g] + sigma * noise (Normal, or Student-t with `student_df`); NaN missing."""
+    rng = np.random.default_rng(seed)
+    groups = _groups(rng, n_cells, n_groups)
+    mu = rng.normal(0.0, 2.0, size=n_features)
+    sigma = rng.uniform(0.5, 2.0, size=n_features)
+    effects = rng.normal(0.0, 0.5, size=(n_groups, n_features))
+    effects[0] = 0.0
+    shape = (n_features, n_cells)
+    noise = rng.standard_normal(shape) if student_df is None else rng.standard_t(student_df, shape)
+    y = mu[:, None] + effects[groups].T + sigma[:, None] * noise
+    y[rng.random(shape) < missing] = np.nan
+    return SimulatedModality(y, groups, effects, mu)
+
+
+def simulate_multinomial(
+    *, n_cells: int, n_features: int, n_groups: int, n_categories: int = 4, seed: int = 0
+) -> SimulatedModality:
+    """y ~ Multinomial(total ~ Poisson(30), softmax(log p0 + effect[g])), effects centred."""
+    rng = np.random.default_rng(seed)
+    groups = _groups(rng, n_cells, n_groups)
+    p0 = rng.dirichlet(np.full(n_categories, 3.0), size=n_features)  # [T, K]
+    effects = rng.normal(0.0, 0.4, size=(n_groups, n_features, n_categories))
+    effects -= effects.mean(axis=-1, keepdims=True)
+    effects[0] = 0.0
+    logits = np.log(p0)[None] + effects  # [C, T, K]
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    totals = rng.poisson(30.0, size=n_cells)
+    y = np.zeros((n_features, n_cells, n_categories), dtype=np.int64)
+    for n in range(n_cells):
+        y[:, n] = np.stack([rng.multinomial(totals[n], probs[groups[n], t]) for t in range(n_features)])
+    return SimulatedModality(y, groups, effects, p0)

@@ -19,7 +19,21 @@ def robust_sd(y: np.ndarray, *, epsilon: float, nan_aware: bool = False) -> np.n
 
 def group_means(y: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """Mean over the cells of each group: [C, T] from [N, T]."""
-    sums = np.zeros((n_groups,) + y.shape[1:], dtype=np.float64)
-    np.add.at(sums, groups, y)
     counts = np.bincount(groups, minlength=n_groups).astype(np.float64)
+    sums = group_sums(y, groups, n_groups)
     return sums / np.maximum(counts, 1.0).reshape((-1,) + (1,) * (y.ndim - 1))
+
+
+def group_sums(y: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum over the cells of each group: [C, ...] from [N, ...] (float64)."""
+    sums = np.zeros((n_groups,) + y.shape[1:], dtype=np.float64)
+    for g in range(n_groups):  # C is small; one vectorised sum per group
+        sums[g] = y[groups == g].sum(axis=0, dtype=np.float64)
+    return sums
+
+
+def any_group_all(condition: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per feature: does some group have `condition` true in ALL of its cells? [T] from [N, T]."""
+    hits = group_sums(condition.astype(np.float64), groups, n_groups)
+    sizes = np.bincount(groups, minlength=n_groups).reshape((-1,) + (1,) * (condition.ndim - 1))
+    return ((hits == sizes) & (sizes > 0)).any(axis=0)

@@ -27,8 +27,9 @@ class DistributionSpec:
     supports_group_effects: bool
     default_niters: int
     count_data: bool  # values must be non-negative finite counts
-    #: "mean_field"; "flow_if_fits" (IAF when it fits in memory, else mean-field)
-    guide: Literal["mean_field", "flow_if_fits"] = "mean_field"
+    #: "mean_field"; "flow_if_fits" (IAF when it fits in memory, else mean-field);
+    #: "point_baseline" (point mass on the family's point_sites, mean-field on the rest)
+    guide: Literal["mean_field", "flow_if_fits", "point_baseline"] = "mean_field"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class Family(ABC):
     #: the raw effect site (zero-filled for excluded features)
     effect_site: str
 
+    def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
+        """What the likelihood reads, on `device` (default: the fit cells' data as is)."""
+        return FitTensors.from_arrays(data, device)
+
     @abstractmethod
     def flags(self, data: FitArrays) -> FilterFlags:
         """SPEC "Feature filters", on the cells that are fit."""
@@ -113,9 +118,18 @@ class Family(ABC):
     def outputs(self) -> tuple[OutputSpec, ...]:
         """The result arrays, in the order they are written."""
 
+    #: sites the guide pins to a point (AutoDelta) instead of a distribution
+    point_sites: tuple[str, ...] = ()
+
     @abstractmethod
-    def derive(self, samples: dict[str, torch.Tensor], n_groups: int) -> dict[str, torch.Tensor]:
+    def derive(
+        self, samples: dict[str, torch.Tensor], n_groups: int, inputs: dict | None = None
+    ) -> dict[str, torch.Tensor]:
         """Result arrays for the fit features from posterior draws of the latents [S, ...]."""
+
+    def n_categories(self, inputs: dict[str, torch.Tensor]) -> int | None:
+        """K for 3-D families, else None."""
+        return None
 
     @abstractmethod
     def n_latent(self, n_groups: int, n_features: int) -> int:

@@ -128,7 +128,9 @@ class NegBinom(Family):
             OutputSpec("beta_o", "scalar"),
         )
 
-    def derive(self, samples: dict[str, torch.Tensor], n_groups: int) -> dict[str, torch.Tensor]:
+    def derive(
+        self, samples: dict[str, torch.Tensor], n_groups: int, inputs: dict | None = None
+    ) -> dict[str, torch.Tensor]:
         """Result arrays from latent draws: mu_ntc/o_y [S, T], log2_alpha_y [S, C-1, T]."""
         mu_ntc, o_y = samples["mu_ntc"], samples["o_y"]
         raw = samples.get(EFFECT_SITE)

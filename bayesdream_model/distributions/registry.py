@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from bayesdream_model.distributions.base import DistributionSpec, EffectType, Family
+from bayesdream_model.distributions.binomial import Binomial
+from bayesdream_model.distributions.continuous import Normal, StudentT
+from bayesdream_model.distributions.multinomial import Multinomial
 from bayesdream_model.distributions.negbinom import NegBinom
 from bayesdream_model.errors import UnknownDistributionError
 
-_FAMILIES: dict[str, Family] = {family.spec.name: family for family in (NegBinom(),)}
+_FAMILIES: dict[str, Family] = {
+    family.spec.name: family
+    for family in (NegBinom(), Binomial(), Multinomial(), Normal(), StudentT())
+}
 
 DISTRIBUTIONS: tuple[str, ...] = tuple(_FAMILIES)
 

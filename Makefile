@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo`  (set up + run the demo)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch; any other spec pulls several GB of CUDA.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -m "not slow" -q
+
+.PHONY: setup demo test test-all lint clean
+
+$(BIN)/bayesdream: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/bayesdream
+
+demo: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/bayesdream demo --dir demo_run
+	$(BIN)/bayesdream summary demo_run/results/run.zarr --modality gene --out demo_run/effects.csv
+
+test: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest $(PYTEST_ARGS)
+
+test-all: PYTEST_ARGS = -q
+test-all: test
+
+lint: setup
+	$(BIN)/ruff check bayesdream_model tasks flows tests benchmarks
+
+clean:
+	rm -rf demo_run .pytest_cache

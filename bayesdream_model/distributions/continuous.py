@@ -1,0 +1,184 @@
+"""Continuous scores (SpliZ and the like): Normal and Student-t, additive group effects.
+
+NaN/Inf are missing values: they contribute nothing to the likelihood and are never
+imputed. The Normal likelihood depends on the data only through each group's count,
+mean and centred sum of squares of its finite values, computed once:
+Σ_n log N(y_n; m, σ) = -n_g (log σ + ½ log 2π) - (M2_g + n_g (ȳ_g - m)²) / 2σ².
+The Student-t likelihood has no such statistics and is evaluated per cell.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+
+from bayesdream_model.constants import EPSILON, OBS_SITE
+from bayesdream_model.data import FitArrays, FitTensors
+from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
+from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
+from bayesdream_model.plates import Plates
+from bayesdream_model.stats import any_group_all, group_sums, robust_sd
+
+EFFECT_SITE = "delta_y"
+STUDENT_DF = 3.0
+
+
+class _Continuous(Family):
+    """What Normal and Student-t share: filters, priors, sites, results."""
+
+    latent_sites = (EFFECT_SITE, "sigma_y", "mu_ntc")
+    effect_site = EFFECT_SITE
+
+    def __init__(self, *, effect_df: float = 3.0) -> None:
+        self.effect_df = effect_df
+
+    def flags(self, data: FitArrays) -> FilterFlags:
+        """No finite value, zero std over finite values, or all missing in some group."""
+        y = data.y
+        finite = np.isfinite(y)
+        none = ~finite.any(axis=0)
+        clean = np.where(finite, y, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            flat = np.where(none, True, np.nanstd(clean, axis=0) == 0)
+        missing_group = any_group_all(~finite, data.groups, data.n_groups)
+        return FilterFlags(
+            ntc_zero_count=np.nansum(clean, axis=0) == 0,
+            ntc_zero_std=none | flat | missing_group,
+            ntc_single_category=np.zeros(y.shape[1], dtype=bool),
+        )
+
+    def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
+        """mu_ntc ~ Normal(m, s); sigma_y ~ HalfNormal(2σ̂); effects' scale s."""
+        y = np.where(np.isfinite(data.y), data.y, np.nan).astype(np.float64)
+        base = y[data.groups == 0]
+        with warnings.catch_warnings():  # all-missing columns are handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(base, axis=0)
+            sd = robust_sd(y, epsilon=EPSILON, nan_aware=True) / math.sqrt(data.n_cells) + EPSILON
+            sigma_hat = np.nanstd(base, axis=0) + EPSILON
+        sd = np.maximum(sd, np.maximum(np.abs(mean) * 0.1, 0.1))
+        mean = np.where(np.isfinite(mean), mean, 0.0)
+        sd = np.where(np.isfinite(sd), sd, 1.0)
+        sigma_hat = np.where(np.isfinite(sigma_hat), sigma_hat, 1.0)
+        as_t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+        return {"mu_mean": as_t(mean), "mu_sd": as_t(sd), "sigma_hat": as_t(sigma_hat)}
+
+    def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
+        """Effects start at 0."""
+        if data.n_groups < 2:
+            return {}
+        return {EFFECT_SITE: torch.zeros(data.n_groups - 1, data.n_features)}
+
+    def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
+        """delta_y [C-1, T] ~ StudentT(3, 0, s); sigma_y [T]; mu_ntc [T]."""
+        mu_sd = inputs["mu_sd"]
+        prior = dist.StudentT(mu_sd.new_tensor(self.effect_df), mu_sd.new_tensor(0.0), mu_sd)
+        effect = sample_group_effects(EFFECT_SITE, plates, prior)
+        with plates.features:
+            sigma_y = pyro.sample("sigma_y", dist.HalfNormal(2.0 * inputs["sigma_hat"]))
+            mu_ntc = pyro.sample("mu_ntc", dist.Normal(inputs["mu_mean"], mu_sd))
+        return {EFFECT_SITE: effect, "sigma_y": sigma_y, "mu_ntc": mu_ntc}
+
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """alpha_y = alpha_y_add (data units, baseline 0); alpha_y_mult is 1."""
+        return (
+            OutputSpec("alpha_y", "effect", 0.0),
+            OutputSpec("alpha_y_mult", "effect", 1.0),
+            OutputSpec("alpha_y_add", "effect", 0.0),
+            OutputSpec(EFFECT_SITE, "raw", 0.0),
+            OutputSpec("mu_ntc", "feature"),
+            OutputSpec("sigma_y", "feature"),
+        )
+
+    def derive(
+        self, samples: dict[str, torch.Tensor], n_groups: int, inputs: dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Additive effects in the data's units."""
+        mu_ntc = samples["mu_ntc"]
+        raw = samples.get(EFFECT_SITE)
+        if raw is None:
+            raw = mu_ntc.new_zeros(mu_ntc.shape[0], 0, mu_ntc.shape[-1])
+        add = with_baseline(raw, mu_ntc, 0.0)
+        return {
+            "alpha_y": add,
+            "alpha_y_mult": torch.ones_like(add),
+            "alpha_y_add": add,
+            EFFECT_SITE: raw,
+            "mu_ntc": mu_ntc,
+            "sigma_y": samples["sigma_y"],
+        }
+
+    def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
+        """T."""
+        return int(inputs["mu_mean"].shape[-1])
+
+    def n_latent(self, n_groups: int, n_features: int) -> int:
+        """(C + 1) * T."""
+        return (n_groups + 1) * n_features
+
+
+class Normal(_Continuous):
+    """y ~ Normal(mu_ntc + delta[g], sigma_y), on per-group sufficient statistics."""
+
+    spec = DistributionSpec(
+        name="normal", effect_type="additive", needs_denominator=False, needs_sum_factor=False,
+        is_3d=False, supports_group_effects=True, default_niters=50_000, count_data=False,
+    )
+
+    def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
+        """Count, mean and centred sum of squares of finite values per group and feature."""
+        finite = np.isfinite(data.y)
+        y = np.where(finite, data.y, 0.0).astype(np.float64)
+        g, c = data.groups, data.n_groups
+        count = group_sums(finite, g, c)
+        mean = group_sums(y, g, c) / np.maximum(count, 1.0)
+        centred = np.where(finite, y - mean[g], 0.0)
+        m2 = group_sums(centred**2, g, c)
+        stats = {"count": count, "mean": mean, "m2": m2}
+        return FitTensors(
+            y=torch.empty(0),
+            groups=torch.as_tensor(g, dtype=torch.int64, device=device),
+            n_groups=c,
+            stats={k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()},
+        )
+
+    def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
+        """Exact Normal log-likelihood of the finite values."""
+        loc = params["mu_ntc"] + with_baseline(params[EFFECT_SITE], params["mu_ntc"], 0.0)
+        sigma = params["sigma_y"]
+        n, mean, m2 = data.stats["count"], data.stats["mean"], data.stats["m2"]
+        log_lik = -n * (torch.log(sigma) + 0.5 * math.log(2 * math.pi)) - (
+            m2 + n * (mean - loc) ** 2
+        ) / (2 * sigma**2)
+        pyro.factor(OBS_SITE, log_lik.sum())
+
+
+class StudentT(_Continuous):
+    """y ~ StudentT(3, mu_ntc + delta[g], sigma_y) per cell; missing values contribute 0."""
+
+    spec = DistributionSpec(
+        name="studentt", effect_type="additive", needs_denominator=False, needs_sum_factor=False,
+        is_3d=False, supports_group_effects=True, default_niters=50_000, count_data=False,
+    )
+
+    def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
+        """Values with missing entries set to 0, and the mask of observed ones."""
+        finite = np.isfinite(data.y)
+        tensors = FitTensors.from_arrays(data, device)
+        y = torch.as_tensor(np.where(finite, data.y, 0.0), dtype=torch.float32, device=device)
+        mask = torch.as_tensor(finite, device=device)
+        return FitTensors(y=y, groups=tensors.groups, n_groups=data.n_groups, stats={"mask": mask})
+
+    def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
+        """Masked Student-t likelihood over cells x features."""
+        alpha = with_baseline(params[EFFECT_SITE], params["mu_ntc"], 0.0)  # [C, T]
+        loc = params["mu_ntc"] + alpha.index_select(0, data.groups)  # [N, T]
+        likelihood = dist.StudentT(STUDENT_DF, loc, params["sigma_y"])
+        with plates.cells(data.y.shape[0]), plates.features:
+            pyro.sample(OBS_SITE, likelihood.mask(data.stats["mask"]), obs=data.y)
