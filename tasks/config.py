@@ -33,9 +33,10 @@ from pydantic import (
     model_validator,
 )
 
+from bayesdream_model.distributions import DISTRIBUTIONS, get_spec
 from tasks.errors import ConfigError
 
-Distribution = Literal["negbinom", "binomial", "multinomial", "normal", "studentt"]
+Distribution = Literal[DISTRIBUTIONS]  # type: ignore[valid-type]  # from the registry
 
 # Suffixes whose files carry no feature names or cell ids of their own.
 UNNAMED_SUFFIXES = (".npy", ".npz")
@@ -81,9 +82,12 @@ class ModalityConfig(BaseModel):
     def _consistent(self) -> ModalityConfig:
         """Cross-field rules that depend on the distribution and the counts format."""
         problems = []
-        if self.distribution == "binomial" and self.denominator is None:
-            problems.append("a binomial modality needs `denominator:` (a matrix of the same shape)")
-        if self.distribution != "binomial" and self.denominator is not None:
+        spec = get_spec(self.distribution)
+        if spec.needs_denominator and self.denominator is None:
+            problems.append(
+                f"a {self.distribution} modality needs `denominator:` (a matrix of the same shape)"
+            )
+        if not spec.needs_denominator and self.denominator is not None:
             problems.append(
                 f"`denominator:` is only used by binomial modalities, not {self.distribution}"
             )
@@ -98,7 +102,7 @@ class ModalityConfig(BaseModel):
                 f"`features:`/`cells:` are only read for .npy/.npz counts; "
                 f"'{self.counts.name}' carries its own feature names and cell ids"
             )
-        if self.cis_feature is not None and self.distribution != "negbinom":
+        if self.cis_feature is not None and not spec.supports_cis:
             problems.append(
                 f"cis feature on a non-negbinom modality ({self.distribution}): "
                 "the cis feature must be on a negbinom modality"

@@ -27,6 +27,7 @@ class DistributionSpec:
     supports_group_effects: bool
     default_niters: int
     count_data: bool  # values must be non-negative finite counts
+    supports_cis: bool = False  # may carry the cis feature (the primary negbinom modality)
     #: "mean_field"; "flow_if_fits" (IAF when it fits in memory, else mean-field);
     #: "point_baseline" (point mass on the family's point_sites, mean-field on the rest)
     guide: Literal["mean_field", "flow_if_fits", "point_baseline"] = "mean_field"

@@ -37,6 +37,7 @@ class NegBinom(Family):
         default_niters=50_000,
         count_data=True,
         guide="flow_if_fits",
+        supports_cis=True,
     )
     latent_sites = (EFFECT_SITE, "beta_o", "o_y", "mu_ntc")
     effect_site = EFFECT_SITE

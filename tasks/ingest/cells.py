@@ -17,6 +17,7 @@ import zarr
 from tasks.config import RunConfig
 from tasks.errors import InputDataError
 from tasks.ingest.readers import plain_suffix
+from bayesdream_model.distributions import requires_sum_factor
 from tasks.store import CELLS, fresh_group, mark_complete, write_array, write_strings
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ SHOW = 5  # offending ids quoted in a message
 def read_cells_table(cfg: RunConfig) -> pd.DataFrame:
     """Read `cfg.cells` (CSV/TSV) and refuse anything the fit cannot use."""
     path = cfg.cells
-    needs_sf = any(m.distribution == "negbinom" for m in cfg.modalities.values())
+    needs_sf = any(requires_sum_factor(m.distribution) for m in cfg.modalities.values())
     text_columns = [CELL_COLUMN, TARGET_COLUMN, *cfg.covariates]
     required = text_columns + ([cfg.sum_factor_col] if needs_sf else [])
     sep = "\t" if plain_suffix(path) in (".tsv", ".txt") else ","

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from bayesdream_model.distributions import get_spec
 from tasks.config import ModalityConfig, RunConfig
 from tasks.errors import InputDataError
 from tasks.ingest.readers import MatrixReader, open_matrix
@@ -34,9 +35,6 @@ from tasks.store import (
 
 logger = logging.getLogger(__name__)
 
-# Kept here until the model's distribution registry can be imported by the tasks.
-COUNT_DISTRIBUTIONS = frozenset({"negbinom", "binomial", "multinomial"})  # values >= 0
-THREE_D_DISTRIBUTIONS = frozenset({"multinomial"})  # features x cells x K
 SHOW = 5  # ids quoted in a message
 
 
@@ -105,7 +103,7 @@ def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | Non
 
 def _check_dims(reader: MatrixReader, mod: ModalityConfig, name: str) -> None:
     """Multinomial is features x cells x K; every other distribution is 2-D."""
-    expected = 3 if mod.distribution in THREE_D_DISTRIBUTIONS else 2
+    expected = 3 if get_spec(mod.distribution).is_3d else 2
     if len(reader.shape) != expected:
         layout = "features x cells x K" if expected == 3 else "features x cells"
         raise InputDataError(
@@ -267,7 +265,7 @@ def _check_values(
     readers: tuple[MatrixReader, MatrixReader | None],
 ) -> None:
     """Counts (and denominators) >= 0 and finite; binomial counts <= denominators."""
-    if plan.distribution not in COUNT_DISTRIBUTIONS:
+    if not get_spec(plan.distribution).count_data:
         return  # normal / studentt: NaN and Inf are missing values
     for values, reader in [(y, readers[0]), (n, readers[1])]:
         if values is None or reader is None:
