@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyro
@@ -12,7 +13,13 @@ import torch
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions.base import Family
 from bayesdream_model.errors import ModelError
-from bayesdream_model.guides import GuideKind, build_guide, choose_guide, elbo_for
+from bayesdream_model.guides import (
+    GuideKind,
+    GuidePreference,
+    build_guide,
+    choose_guide,
+    elbo_for,
+)
 from bayesdream_model.inference import ProgressFn, SviResult, SviSettings, run_svi
 from bayesdream_model.model import TechnicalModel
 
@@ -29,6 +36,8 @@ class FitOptions:
     seed: int = 0
     device: str = "cpu"
     vram_bytes: int | None = None
+    guide: GuidePreference = "auto"
+    convergence: Literal["plateau", "ewma"] = "plateau"
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,12 @@ def fit_technical(
     family: Family, data: FitArrays, options: FitOptions, *, on_progress: ProgressFn | None = None
 ) -> FittedModel:
     """SVI fit of the technical model on `data` (fit features only)."""
+    with pyro.settings.context(module_local_params=True):
+        return _fit(family, data, options, on_progress)
+
+
+def _fit(family, data, options, on_progress) -> FittedModel:
     device = torch.device(options.device)
-    pyro.clear_param_store()
     pyro.set_rng_seed(options.seed)
     inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
     model = TechnicalModel(family, inputs, data.n_groups, family.tensors(data, device))
@@ -66,13 +79,17 @@ def fit_technical(
         n_features=data.n_features,
         device=device,
         vram_bytes=options.vram_bytes,
+        preference=options.guide,
     )
     log.info("guide: %s (%s)", choice.kind, choice.reason)
     guide = build_guide(model, choice.kind, family.initial_values(data))
     guide(observe=False)  # build the guide's parameters before the first step
     guide.to(device)
     settings = SviSettings(
-        niters=options.niters or choice.default_niters, lr=options.lr, tolerance=options.tolerance
+        niters=options.niters or choice.default_niters,
+        lr=options.lr,
+        tolerance=options.tolerance,
+        convergence=options.convergence,
     )
     result = run_svi(model, guide, elbo_for(choice.kind), settings, on_progress=on_progress)
     if result.stop_reason.startswith("non-finite"):
@@ -93,7 +110,11 @@ def restore_fitted(
     device: str = "cpu",
 ) -> FittedModel:
     """Rebuild a fitted guide from stored prior inputs and guide parameters (no data)."""
-    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=True):
+        return _restore(family, inputs, params, guide_kind, n_groups, device)
+
+
+def _restore(family, inputs, params, guide_kind, n_groups, device) -> FittedModel:
     tensors = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
     model = TechnicalModel(family, tensors, n_groups, None)
     guide = build_guide(model, guide_kind, {})
@@ -103,5 +124,4 @@ def restore_fitted(
         guide.load_state_dict(state)
     except RuntimeError as err:
         raise ModelError(f"Stored guide parameters do not match the {guide_kind} guide: {err}") from err
-    n_features = int(np.asarray(inputs[next(iter(inputs))]).shape[-1])
-    return FittedModel(family, model, guide, guide_kind, n_features)
+    return FittedModel(family, model, guide, guide_kind, family.n_features(tensors))

@@ -19,10 +19,12 @@ from pyro.infer.autoguide.guides import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
 from bayesdream_model.distributions.base import Family
+from bayesdream_model.feature_guide import AutoFeatureMVN
 
 log = logging.getLogger(__name__)
 
-GuideKind = Literal["mean_field", "iaf", "point_baseline"]
+GuideKind = Literal["mean_field", "feature_mvn", "iaf", "point_baseline"]
+GuidePreference = Literal["auto", "mean_field", "feature_mvn", "iaf"]
 CPU_FLOW_MAX_LATENT = 5000
 VRAM_RESERVE_BYTES = 10 * 1024**3
 MEAN_FIELD_FALLBACK_NITERS = 100_000
@@ -43,7 +45,32 @@ def flow_bytes(n_latent: int) -> float:
 
 
 def choose_guide(
-    family: Family, *, n_groups: int, n_features: int, device: torch.device, vram_bytes: int | None
+    family: Family,
+    *,
+    n_groups: int,
+    n_features: int,
+    device: torch.device,
+    vram_bytes: int | None,
+    preference: GuidePreference = "auto",
+) -> GuideChoice:
+    """SPEC's choice, except that `auto` replaces mean-field by a full covariance per feature.
+
+    `mean_field` gives SPEC's choice exactly; `feature_mvn`/`iaf` force that guide (the
+    multinomial guide is fixed: a point mass on its Dirichlet baseline, normal on the rest).
+    """
+    choice = _spec_choice(family, n_groups, n_features, device, vram_bytes)
+    if choice.kind == "point_baseline" or preference == "mean_field":
+        return choice
+    if preference == "auto":
+        if choice.kind != "mean_field":
+            return choice
+        reason = f"{choice.reason}; a full covariance per feature, since mean-field under-covers"
+        return GuideChoice("feature_mvn", choice.default_niters, reason)
+    return GuideChoice(preference, choice.default_niters, f"fit.guide = {preference}")
+
+
+def _spec_choice(
+    family: Family, n_groups: int, n_features: int, device: torch.device, vram_bytes: int | None
 ) -> GuideChoice:
     """IAF for negbinom when it fits (GPU: below VRAM - 10 GB; CPU: <= 5000 latents)."""
     default = family.spec.default_niters
@@ -108,6 +135,8 @@ def build_guide(model, kind: GuideKind, init_values: dict[str, torch.Tensor]):
     """An autoguide over every latent site of `model`."""
     if kind == "iaf":
         return AutoAnchoredIAFNormal(model, init_loc_fn=init_fn(init_values))
+    if kind == "feature_mvn":
+        return AutoFeatureMVN(model, init_loc_fn=init_fn(init_values))
     if kind == "point_baseline":
         points = list(model.family.point_sites)
         guide = AutoGuideList(model)

@@ -7,12 +7,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-import pyro
 import torch
-from pyro.infer import SVI
+from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import OneCycleLR
+
+from bayesdream_model.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,11 @@ class SviSettings:
     peak_factor: float = 10.0
     clip_norm: float = 10.0
     log_every: int = 1000
+    #: "plateau": windowed, noise-aware (default); "ewma": SPEC's |a·(loss - ewma)| < tol
+    convergence: Literal["plateau", "ewma"] = "plateau"
+    window: int = 250
+    patience: int = 3
+    rel_tol: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -42,26 +49,61 @@ class SviResult:
     seconds: float
 
 
-def make_optimizer(settings: SviSettings) -> pyro.optim.PyroLRScheduler:
-    """Adam under a one-cycle schedule peaking at `peak_factor * lr`, clipped gradients."""
-    return pyro.optim.PyroLRScheduler(
-        OneCycleLR,
-        {
-            "optimizer": torch.optim.Adam,
-            "optim_args": {"lr": settings.lr, "betas": (0.9, 0.999)},
-            "max_lr": settings.lr * settings.peak_factor,
-            "total_steps": settings.niters,
-            "pct_start": 0.1,
-            "div_factor": 25.0,
-            "final_div_factor": 1e4,
-        },
-        clip_args={"clip_norm": settings.clip_norm},
+def make_optimizer(params: list[torch.nn.Parameter], settings: SviSettings):
+    """Adam under a one-cycle schedule peaking at `peak_factor * lr` after 10 % of the steps."""
+    optimizer = torch.optim.Adam(params, lr=settings.lr, betas=(0.9, 0.999))
+    scheduler = OneCycleLR(
+        optimizer,
+        max_lr=settings.lr * settings.peak_factor,
+        total_steps=settings.niters,
+        pct_start=0.1,
+        div_factor=25.0,
+        final_div_factor=1e4,
     )
+    return optimizer, scheduler
 
 
 def ewma_converged(loss: float, smoothed: float, settings: SviSettings) -> bool:
     """SPEC early stop: |a * (loss - ewma)| < tolerance."""
     return abs(settings.ewma_alpha * (loss - smoothed)) < settings.tolerance
+
+
+class PlateauDetector:
+    """Stop when the loss stopped improving beyond its own noise, for `patience` windows.
+
+    Every `window` steps the mean loss of the window is compared with the previous
+    window's: an improvement smaller than max(standard error of the difference,
+    rel_tol·|loss|) counts as a flat window. The SVI loss of these models is 1e5-1e8 with
+    step-to-step noise of hundreds, so an absolute tolerance either never fires or fires
+    by chance when the noisy loss crosses its average; this criterion is scale-free.
+    """
+
+    def __init__(self, settings: SviSettings) -> None:
+        self.settings = settings
+        self.previous: tuple[float, float] | None = None
+        self.flat = 0
+
+    def update(self, losses: list[float]) -> str | None:
+        """Called every step; returns the stop reason once converged."""
+        window = self.settings.window
+        if len(losses) % window:
+            return None
+        recent = np.asarray(losses[-window:])
+        mean, var = float(recent.mean()), float(recent.var(ddof=1))
+        reason = None
+        if self.previous is not None:
+            prev_mean, prev_var = self.previous
+            improvement = prev_mean - mean
+            noise = math.sqrt((prev_var + var) / window)
+            threshold = max(noise, self.settings.rel_tol * abs(mean))
+            self.flat = self.flat + 1 if improvement < threshold else 0
+            if self.flat >= self.settings.patience:
+                reason = (
+                    f"converged: window-mean loss improved by {improvement:.4g} < "
+                    f"{threshold:.4g} (noise/rel_tol) for {self.flat} windows of {window} steps"
+                )
+        self.previous = (mean, var)
+        return reason
 
 
 def run_svi(
@@ -72,18 +114,25 @@ def run_svi(
     *,
     on_progress: ProgressFn | None = None,
 ) -> SviResult:
-    """Run SVI until `niters` steps or the EWMA early stop; the scheduler steps every step."""
-    optimizer = make_optimizer(settings)
-    svi = SVI(model, guide, optimizer, loss=elbo)
+    """Run SVI until converged or `niters` steps; the scheduler steps every step.
+
+    The guide holds its parameters itself (Pyro's module-local parameters), so fits never
+    share state through Pyro's global parameter store. Gradients are clipped per parameter
+    tensor at `clip_norm`, as Pyro's `clip_args` does.
+    """
+    loss_fn = elbo(model, guide)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, settings)
     losses: list[float] = []
     smoothed: float | None = None
+    plateau = PlateauDetector(settings)
     reason = f"reached niters={settings.niters}"
     start = time.perf_counter()
     for step in range(settings.niters):
-        loss = float(svi.step())
+        loss = _step(loss_fn, optimizer, params, settings.clip_norm, step)
         losses.append(loss)
         if step + 1 < settings.niters:
-            optimizer.step()  # advance the one-cycle schedule (stepping past its end raises)
+            scheduler.step()  # stepping past the schedule's end raises
         if not math.isfinite(loss):
             reason = f"non-finite loss at step {step}"
             break
@@ -91,7 +140,12 @@ def run_svi(
             log.info("SVI step %d/%d: loss %.5e", step, settings.niters, loss)
         if on_progress is not None:
             on_progress(step, settings.niters, loss)
-        if smoothed is None:
+        if settings.convergence == "plateau":
+            stop = plateau.update(losses)
+            if stop is not None:
+                reason = f"{stop} (step {step})"
+                break
+        elif smoothed is None:
             smoothed = loss
         elif ewma_converged(loss, smoothed, settings):
             reason = f"converged: |a*(loss-ewma)| < {settings.tolerance:g} at step {step}"
@@ -101,3 +155,23 @@ def run_svi(
     seconds = time.perf_counter() - start
     log.info("SVI stopped after %d steps (%s) in %.1f s", len(losses), reason, seconds)
     return SviResult(np.asarray(losses), len(losses), reason, seconds)
+
+
+def _step(loss_fn, optimizer, params, clip_norm: float, step: int) -> float:
+    """One gradient step; parameters that turned non-finite end the fit with a clear error."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        loss = loss_fn()
+    except ValueError as err:  # Pyro's validation of a distribution built from NaN params
+        if all(torch.isfinite(p).all() for p in params):
+            raise
+        raise ModelError(
+            f"SVI diverged at step {step}: the guide's parameters became non-finite "
+            f"({str(err).splitlines()[0]}); lower fit.lr or check the input for extreme values."
+        ) from None
+    loss.backward()
+    for p in params:
+        if p.grad is not None:
+            clip_grad_norm_(p, clip_norm)
+    optimizer.step()
+    return float(loss.detach())

@@ -31,16 +31,19 @@ class MemoryBudget:
 
 def slurm_bytes(environ: Mapping[str, str]) -> int | None:
     """The SLURM allocation: SLURM_MEM_PER_NODE, else SLURM_MEM_PER_CPU x CPUs (MB units)."""
+    found = None
     try:
         if "SLURM_MEM_PER_NODE" in environ:
-            return int(environ["SLURM_MEM_PER_NODE"]) * MIB
-        if "SLURM_MEM_PER_CPU" in environ:
+            found = int(environ["SLURM_MEM_PER_NODE"]) * MIB
+        elif "SLURM_MEM_PER_CPU" in environ:
             for key in ("SLURM_CPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "SLURM_JOB_CPUS_PER_NODE"):
                 if key in environ:
-                    return int(environ["SLURM_MEM_PER_CPU"]) * int(environ[key]) * MIB
+                    found = int(environ["SLURM_MEM_PER_CPU"]) * int(environ[key]) * MIB
+                    break
     except ValueError:
         return None
-    return None
+    # --mem=0 means "all of the node's memory": no usable number, fall back to psutil
+    return found if found is not None and found > 0 else None
 
 
 def memory_budget(

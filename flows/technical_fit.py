@@ -1,5 +1,5 @@
-"""The technical-fit flow: pre-flight, store, groups, then per modality ingest -> filter ->
-fit -> sample, each modality its own chain of tasks."""
+"""The technical-fit flow: withdraw an earlier run's completion marks, pre-flight, store,
+groups, ingest and filter every modality, then fit -> sample each modality."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tasks.steps import (
     preflight,
     resolve_config,
     sample,
+    withdraw_completion,
 )
 
 
@@ -44,16 +45,18 @@ def technical_fit(
     started = time.time()
     cfg = resolve_config(config, list(overrides or []))
     names = _selected(cfg, modality)
+    withdraw_completion(cfg, names)
     plans = preflight(cfg, names)
     create_store(cfg, names)
     summaries: dict[str, Any] = {"groups": assign_groups(cfg)}
+    # Every modality's values are checked and filtered before any fit starts: bad input in
+    # one modality must not leave another's results behind, claiming to be complete.
     for name in names:
         ingest(cfg, name, plans[name])
-        summaries[name] = {
-            "filters": filter_step(cfg, name),
-            "fit": fit(cfg, name),
-            "sample": sample(cfg, name),
-        }
+    for name in names:
+        summaries[name] = {"filters": filter_step(cfg, name)}
+    for name in names:
+        summaries[name] |= {"fit": fit(cfg, name), "sample": sample(cfg, name)}
     return finalize(cfg, started, summaries)
 
 

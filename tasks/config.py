@@ -129,6 +129,10 @@ class FitConfig(BaseModel):
     minibatch_size: int | None = Field(default=None, gt=0)  # None: planned from memory
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(default=0, ge=0)
+    # auto: SPEC's guide, with a full covariance per feature where SPEC says mean-field
+    guide: Literal["auto", "mean_field", "feature_mvn", "iaf"] = "auto"
+    # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
+    convergence: Literal["plateau", "ewma"] = "plateau"
 
 
 class RunConfig(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import zarr
@@ -11,12 +12,14 @@ import zarr
 from bayesdream_model.distributions import get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from tasks.config import FitConfig
+from tasks.errors import StoreError
 from tasks.groups import read_groups
 from tasks.prepare import read_fit_arrays, read_flags
 from tasks.resources import resolve_device, set_torch_threads, total_vram
 from tasks.store import fit_key, fresh_group, inputs_key, mark_complete, write_array
 
 logger = logging.getLogger(__name__)
+INPUT_ORDER = "order"  # attr of fit/<name>/inputs: the prior inputs in the family's order
 
 
 class ProgressLogger:
@@ -53,7 +56,7 @@ def fit_modality(
     )
     options = FitOptions(
         niters=fit.niters, lr=fit.lr, tolerance=fit.tolerance, seed=fit.seed, device=device,
-        vram_bytes=total_vram(device),
+        vram_bytes=total_vram(device), guide=fit.guide, convergence=fit.convergence,
     )
     fitted = fit_technical(family, data, options, on_progress=ProgressLogger(log, name))
     _write_fit(root, name, fitted, features, device)
@@ -80,8 +83,11 @@ def _write_fit(
     for key, value in fitted.params().items():
         write_array(params, key, value)
     inputs = group.require_group("inputs")
-    for key, value in fitted.prior_inputs().items():
+    prior_inputs = fitted.prior_inputs()
+    for key, value in prior_inputs.items():
         write_array(inputs, key, value)
+    # A store lists its arrays in no particular order; the model reads T off the first input.
+    inputs.attrs[INPUT_ORDER] = list(prior_inputs)
     write_array(group, "loss", fitted.svi.losses.astype(np.float64))
     write_array(group, "features", features.astype(np.int64))
     mark_complete(group)
@@ -90,11 +96,26 @@ def _write_fit(
 def load_fitted(root: zarr.Group, name: str, *, device: str = "cpu") -> FittedModel:
     """Rebuild the fitted guide stored in `fit/<name>/`."""
     group = root[fit_key(name)]
-    return restore_fitted(
-        get_family(group.attrs["distribution"]),
-        inputs={k: a[...] for k, a in group["inputs"].arrays()},
+    stored = dict(group["inputs"].arrays())
+    order = list(group["inputs"].attrs.get(INPUT_ORDER, []))
+    # Written order first (restore_fitted takes T from the first input); then the rest,
+    # widest first, for stores written before the order was recorded.
+    order += sorted(set(stored) - set(order), key=lambda k: (-stored[k].ndim, k))
+    family = get_family(group.attrs["distribution"])
+    fitted = restore_fitted(
+        family,
+        inputs={k: stored[k][...] for k in order},
         params={k: a[...] for k, a in group["params"].arrays()},
         guide_kind=group.attrs["guide"],
         n_groups=int(group.attrs["n_groups"]),
         device=device,
     )
+    # T as the family reads it (the first input's last axis is K for 3-D families).
+    n_features = family.n_features(fitted.model.inputs)
+    n_fit = int(group["features"].shape[0])
+    if n_features != n_fit:
+        raise StoreError(
+            f"Store key '{fit_key(name)}': the stored prior inputs describe {n_features} "
+            f"features but '{fit_key(name)}/features' lists {n_fit}; run the fit step again."
+        )
+    return replace(fitted, n_features=n_features)

@@ -42,6 +42,8 @@ def assign_groups(
 ) -> GroupAssignment:
     """`groupby(covariates).ngroup()` codes over the cells of groups that have NTC cells."""
     n_cells = len(is_ntc)
+    is_ntc = np.asarray(is_ntc, dtype=bool)
+    _refuse_missing(covariates)
     if covariates.shape[1] == 0:
         keys = pd.Series(np.zeros(n_cells, dtype=np.int64))
         labels_all = ["all"]
@@ -71,6 +73,18 @@ def assign_groups(
     return GroupAssignment(code, fit, [labels_all[g] for g in kept_groups], dropped)
 
 
+def _refuse_missing(covariates: pd.DataFrame) -> None:
+    """pandas' groupby would code a missing value -1 (no group): refuse it, counted."""
+    missing = covariates.isna().sum()
+    missing = missing[missing > 0]
+    if len(missing):
+        counts = ", ".join(f"'{column}': {int(n)} cell(s)" for column, n in missing.items())
+        raise InputDataError(
+            f"Covariates have missing values ({counts}); a missing covariate must not become "
+            "a technical group of its own: fill the values or drop those cells."
+        )
+
+
 def _labels(covariates: pd.DataFrame, keys: pd.Series) -> list[str]:
     """Covariate values joined by '|', in code order."""
     first = covariates.assign(_code=keys.to_numpy()).drop_duplicates("_code").sort_values("_code")
@@ -80,7 +94,9 @@ def _labels(covariates: pd.DataFrame, keys: pd.Series) -> list[str]:
     ]
 
 
-def assign_groups_in_store(root: zarr.Group, *, use_all_cells: bool, policy: str) -> GroupAssignment:
+def assign_groups_in_store(
+    root: zarr.Group, *, use_all_cells: bool, policy: str
+) -> GroupAssignment:
     """Read `inputs/cells`, assign groups, write `prep/groups` (complete last)."""
     cells = root[CELLS]
     covariate_names = list(cells.attrs.get("covariates", []))

@@ -95,7 +95,9 @@ def filter_features(
         write_array(group, flag, values)
     mark_complete(group)
     if excluded.any():
-        log.warning("Modality '%s': %d features excluded (%s)", name, excluded.sum(), _reasons(flags))
+        log.warning(
+            "Modality '%s': %d features excluded (%s)", name, excluded.sum(), _reasons(flags)
+        )
     return flags
 
 

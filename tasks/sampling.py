@@ -59,9 +59,15 @@ def feature_layout(names: np.ndarray, fit_features: np.ndarray, cis: str | None)
     return FeatureLayout(int(keep.sum()), fit_to_result, int(hits[0]) if len(hits) else None)
 
 
-def _shape(out: OutputSpec, n_samples: int, n_groups: int, n_features: int) -> tuple[int, ...]:
+def _shape(
+    out: OutputSpec, n_samples: int, n_groups: int, n_features: int, n_categories: int | None
+) -> tuple[int, ...]:
+    """[S], [S, T], [S, C, T] or [S, C-1, T]; with K after T where T is not last (3-D)."""
     lead = {"effect": (n_groups,), "raw": (n_groups - 1,), "feature": (), "scalar": None}[out.kind]
-    return (n_samples,) if lead is None else (n_samples, *lead, n_features)
+    if lead is None:
+        return (n_samples,)
+    trail = () if out.feature_axis == -1 else (n_categories,)
+    return (n_samples, *lead, n_features, *trail)
 
 
 def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[str, zarr.Array]:
@@ -91,14 +97,16 @@ def sample_modality(
     names = read_strings(root[inputs_key(name)], "feature_names")
     layout = feature_layout(names, fit_group["features"][...], cis_feature)
     n_cells = len(fit_cell_index(root, name, read_groups(root)))
-    plan = plan_sampling(
-        nsamples=nsamples, shape=(n_cells, fitted.n_features, n_groups),
+    n_categories = family.n_categories(fitted.model.inputs)  # K for 3-D families, else None
+    plan = plan_sampling(  # a 3-D family's K categories count as K features each
+        nsamples=nsamples, shape=(n_cells, fitted.n_features * (n_categories or 1), n_groups),
         budget=sampling_budget(device), user_batch=minibatch_size,
     )
     log.info("Modality '%s': sampling plan: %s", name, plan.reason)
     group = fresh_group(root, results_key(name), "bayesdream-technical")
     outputs = family.outputs()
-    arrays = _create_outputs(group, outputs, (nsamples, n_groups, layout.n_results), plan.batch_size)
+    shape_args = (nsamples, n_groups, layout.n_results, n_categories)
+    arrays = _create_outputs(group, outputs, shape_args, plan.batch_size)
     cis_arrays = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
     in_results = layout.fit_to_result >= 0
     for start, stop, batch in posterior_batches(fitted, plan, seed=seed):
@@ -144,7 +152,7 @@ def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality)
     ]
     arrays = {}
     for out in renamed:
-        shape = _shape(out, nsamples, n_groups, 1)
+        shape = _shape(out, nsamples, n_groups, 1, None)
         shape = shape if out.kind == "scalar" else shape[:-1]
         arrays[out.name] = group.create_array(
             out.name, shape=shape, chunks=(batch, *(max(1, s) for s in shape[1:])),

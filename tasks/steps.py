@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zarr
 from prefect import get_run_logger, task
 
 from tasks import provenance
@@ -37,6 +38,35 @@ def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig
     return load_config(config, overrides)
 
 
+@task(name="withdraw-completion")
+def withdraw_completion(cfg: RunConfig, modalities: list[str]) -> bool:
+    """An earlier run's store stops claiming to be complete before this run checks anything.
+
+    Only the `complete` marks go (root, and the results this run rewrites): a run that
+    fails, even in pre-flight, leaves no store that passes for the result of this config.
+    Returns whether there was a store.
+    """
+    if not (Path(cfg.store) / "zarr.json").exists():
+        return False
+    root = open_root(cfg.store)
+    keys = [results_key(name) for name in modalities]
+    if _cis_rewritten(root, cfg, modalities):
+        keys.append(CIS_KEY)
+    for attrs in [root.attrs] + [root[key].attrs for key in keys if key in root]:
+        if COMPLETE in attrs:
+            del attrs[COMPLETE]
+    return True
+
+
+def _cis_rewritten(root: zarr.Group, cfg: RunConfig, modalities: list[str]) -> bool:
+    """`technical/cis` exists and this run replaces it: one of its modalities names a cis
+    feature, or it was left by an earlier run of one of them (which may no longer name one)."""
+    return CIS_KEY in root and (
+        root[CIS_KEY].attrs.get("modality") in modalities
+        or any(cfg.modalities[n].cis_feature for n in modalities)
+    )
+
+
 @task(name="preflight")
 def preflight(cfg: RunConfig, modalities: list[str]) -> dict[str, ModalityPlan]:
     """Every cheap check (cells table, matrix shapes and ids) before anything is written."""
@@ -57,7 +87,7 @@ def create_store(cfg: RunConfig, modalities: list[str]) -> str:
         for key in (inputs_key(name), prep_key(name), fit_key(name), results_key(name)):
             if key in root:
                 del root[key]
-    if any(cfg.modalities[n].cis_feature for n in modalities) and CIS_KEY in root:
+    if _cis_rewritten(root, cfg, modalities):
         del root[CIS_KEY]
     root.attrs.update(
         {"config": json.loads(cfg.model_dump_json()), "provenance": provenance.describe()}
@@ -141,4 +171,5 @@ __all__ = [
     "preflight",
     "resolve_config",
     "sample",
+    "withdraw_completion",
 ]

@@ -1,0 +1,135 @@
+"""Negbinom empirical priors and initial values against a plain numpy re-computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from factories import counts_matrix
+from pyro import poutine
+
+from bayesdream_model.data import FitArrays
+from bayesdream_model.distributions import get_family
+from bayesdream_model.guides import build_guide
+from bayesdream_model.model import TechnicalModel
+
+EPS = 1e-6  # SPEC epsilon
+LOG_EPS = 1e-8  # pseudocount of the log2-ratio initial values
+
+
+def screen(n_groups: int = 3) -> FitArrays:
+    """Overdispersed counts plus a sparse feature (MAD = 0) and a high, tight feature."""
+    y, groups, sum_factor = counts_matrix(n_cells=40, n_features=10, n_groups=n_groups, seed=7)
+    rng = np.random.default_rng(8)
+    sparse = np.zeros(40)
+    sparse[rng.choice(40, size=5, replace=False)] = rng.integers(1, 6, size=5)
+    tight = rng.poisson(1000.0 * sum_factor).astype(np.float64)
+    y = np.column_stack([y, sparse, tight])
+    return FitArrays(y=y, groups=groups, n_groups=n_groups, sum_factor=sum_factor)
+
+
+def reference_priors(data: FitArrays) -> dict[str, np.ndarray]:
+    """SPEC "Priors: negbinom", written out step by step in float64."""
+    y_norm = data.y / data.sum_factor[:, None]
+    baseline_mean = y_norm[data.groups == 0].mean(axis=0)
+    mad = np.median(np.abs(y_norm - np.median(y_norm, axis=0)), axis=0)
+    rsd = 1.4826 * mad
+    rsd = np.where(rsd <= EPS, y_norm.std(axis=0), rsd)
+    s = rsd / math.sqrt(data.n_cells) + EPS
+    floor = 0.1 * (baseline_mean + EPS)
+    return {
+        "mu_mean": baseline_mean + EPS,
+        "mu_sd": np.maximum(s, floor),
+        "unfloored": s,
+        "floor": floor,
+        "mad": mad,
+    }
+
+
+def reference_inits(data: FitArrays) -> np.ndarray:
+    """log2((group mean + 1e-8) / (baseline mean + 1e-8)) of size-factor-normalised counts."""
+    y_norm = data.y / data.sum_factor[:, None]
+    means = np.stack([y_norm[data.groups == g].mean(axis=0) for g in range(data.n_groups)])
+    return np.log2((means[1:] + LOG_EPS) / (means[0] + LOG_EPS))
+
+
+def test_prior_inputs_match_spec_formulas() -> None:
+    data = screen()
+    ref = reference_priors(data)
+    # The matrix exercises every branch: MAD fallback, floored and unfloored s.
+    assert (ref["mad"] == 0).any() and (ref["mad"] > 0).any()
+    assert (ref["unfloored"] < ref["floor"]).any() and (ref["unfloored"] > ref["floor"]).any()
+
+    inputs = get_family("negbinom").prior_inputs(data)
+    assert set(inputs) == {"mu_mean", "mu_sd", "beta_o_alpha", "beta_o_beta"}
+    for key in ("mu_mean", "mu_sd"):
+        assert inputs[key].dtype == torch.float32 and inputs[key].shape == (data.n_features,)
+        np.testing.assert_allclose(inputs[key].numpy(), ref[key], rtol=1e-6, err_msg=key)
+    assert float(inputs["beta_o_alpha"]) == 9.0
+    assert float(inputs["beta_o_beta"]) == 3.0
+
+
+def test_prior_mean_uses_baseline_cells_only() -> None:
+    data = screen()
+    y = data.y.copy()
+    y[data.groups != 0] *= 10.0  # other groups do not move the baseline mean
+    shifted = FitArrays(y=y, groups=data.groups, n_groups=3, sum_factor=data.sum_factor)
+    family = get_family("negbinom")
+    np.testing.assert_array_equal(
+        family.prior_inputs(shifted)["mu_mean"], family.prior_inputs(data)["mu_mean"]
+    )
+
+
+def test_model_priors_use_the_inputs() -> None:
+    """mu_ntc ~ Gamma(m^2/s^2, m/s^2), beta_o ~ Gamma(9, 3), o_y ~ Exp(beta_o), T(3, 0, 20)."""
+    data = screen()
+    family = get_family("negbinom")
+    inputs = family.prior_inputs(data)
+    trace = poutine.trace(TechnicalModel(family, inputs, data.n_groups)).get_trace(observe=False)
+    m, s = inputs["mu_mean"], inputs["mu_sd"]
+    mu_prior = trace.nodes["mu_ntc"]["fn"]
+    torch.testing.assert_close(mu_prior.concentration, m**2 / s**2)
+    torch.testing.assert_close(mu_prior.rate, m / s**2)
+    beta_prior = trace.nodes["beta_o"]["fn"]
+    assert float(beta_prior.concentration) == 9.0 and float(beta_prior.rate) == 3.0
+    o_prior = trace.nodes["o_y"]["fn"]
+    beta_o = trace.nodes["beta_o"]["value"]
+    torch.testing.assert_close(o_prior.rate, beta_o.expand(data.n_features))
+    effect = trace.nodes["log2_alpha_y"]
+    assert effect["value"].shape == (data.n_groups - 1, data.n_features)
+    for attr, expected in (("df", 3.0), ("loc", 0.0), ("scale", 20.0)):
+        assert torch.all(getattr(effect["fn"], attr) == expected), attr
+    assert "y" not in trace.nodes  # no likelihood without data
+
+
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_initial_values_are_empirical_log2_ratios(n_groups: int) -> None:
+    data = screen(n_groups)
+    inits = get_family("negbinom").initial_values(data)
+    assert set(inits) == {"log2_alpha_y"}
+    value = inits["log2_alpha_y"]
+    assert value.dtype == torch.float32 and value.shape == (n_groups - 1, data.n_features)
+    np.testing.assert_allclose(value.numpy(), reference_inits(data), rtol=1e-6, atol=1e-6)
+
+
+def test_single_group_has_no_effect_init() -> None:
+    assert get_family("negbinom").initial_values(screen(1)) == {}
+
+
+@pytest.mark.parametrize("kind", ["mean_field", "iaf"])
+def test_guides_start_at_the_initial_values(kind: str) -> None:
+    """Mean-field locs / the IAF anchor hold the empirical effects at the start."""
+    data = screen()
+    family = get_family("negbinom")
+    model = TechnicalModel(family, family.prior_inputs(data), data.n_groups)
+    inits = family.initial_values(data)
+    guide = build_guide(model, kind, inits)
+    guide(observe=False)
+    expected = inits["log2_alpha_y"]
+    if kind == "mean_field":
+        start = guide.locs.log2_alpha_y.detach()
+    else:  # the anchor is the unconstrained latent vector; the effect site comes first
+        start = guide.anchor[: expected.numel()].reshape(expected.shape)
+    torch.testing.assert_close(start, expected)
