@@ -25,6 +25,11 @@ from bayesdream_model.model import TechnicalModel
 
 log = logging.getLogger(__name__)
 
+# Guides keep their parameters in the module, not in Pyro's global parameter store, so
+# that fits (and restored fits) never overwrite each other's parameters by name. This is
+# the package's one global setting; Pyro applies it to every PyroModule.
+pyro.settings.set(module_local_params=True)
+
 
 @dataclass(frozen=True)
 class FitOptions:
@@ -64,11 +69,6 @@ def fit_technical(
     family: Family, data: FitArrays, options: FitOptions, *, on_progress: ProgressFn | None = None
 ) -> FittedModel:
     """SVI fit of the technical model on `data` (fit features only)."""
-    with pyro.settings.context(module_local_params=True):
-        return _fit(family, data, options, on_progress)
-
-
-def _fit(family, data, options, on_progress) -> FittedModel:
     device = torch.device(options.device)
     pyro.set_rng_seed(options.seed)
     inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
@@ -110,11 +110,6 @@ def restore_fitted(
     device: str = "cpu",
 ) -> FittedModel:
     """Rebuild a fitted guide from stored prior inputs and guide parameters (no data)."""
-    with pyro.settings.context(module_local_params=True):
-        return _restore(family, inputs, params, guide_kind, n_groups, device)
-
-
-def _restore(family, inputs, params, guide_kind, n_groups, device) -> FittedModel:
     tensors = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
     model = TechnicalModel(family, tensors, n_groups, None)
     guide = build_guide(model, guide_kind, {})

@@ -60,8 +60,7 @@ def posterior_batches(
         if start in skip:
             continue
         pyro.set_rng_seed(seed * 1_000_003 + start)
-        with pyro.settings.context(module_local_params=True):
-            draws = draw_batch(fitted, stop - start, parallel=plan.parallel)
+        draws = draw_batch(fitted, stop - start, parallel=plan.parallel)
         derived = fitted.family.derive(draws, n_groups, fitted.model.inputs)
         log.info("posterior batch %d/%d (draws %d-%d)", index + 1, plan.n_batches, start, stop)
         yield start, stop, {k: v.detach().cpu().numpy() for k, v in derived.items()}

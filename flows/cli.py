@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config value, e.g. fit.niters=2000")
     run.add_argument("--modality", help="fit only this modality")
+    run.add_argument("--workers", type=int, default=1,
+                     help="modality chains run side by side in this many threads (default 1)")
     summary = sub.add_parser("summary", help="per feature and group effect summaries as CSV")
     summary.add_argument("store", type=Path)
     summary.add_argument("--modality", required=True)
@@ -63,7 +65,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("Demo finished: %s", store)
         log.info("Next: bayesdream summary %s --modality gene --out effects.csv", store)
         return 0
-    store = technical_fit(str(args.config), args.overrides, args.modality)
+    flow = technical_fit
+    if args.workers > 1:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        flow = technical_fit.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+    store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
     return 0
 

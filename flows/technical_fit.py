@@ -1,5 +1,11 @@
 """The technical-fit flow: withdraw an earlier run's completion marks, pre-flight, store,
-groups, ingest and filter every modality, then fit -> sample each modality."""
+groups, ingest and filter every modality, then one fit -> sample chain per modality.
+
+The chains are submitted to the flow's task runner, so they run side by side when the
+runner has room: the default runs one task at a time (torch's global RNG is shared by
+threads, so concurrent chains in one process would not be reproducible for a seed);
+`technical_fit.with_options(task_runner=...)` (or the CLI's `--workers`) widens it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
@@ -35,7 +42,7 @@ def _selected(cfg: RunConfig, modality: str | None) -> list[str]:
     return [modality]
 
 
-@flow(name="technical-fit", log_prints=False)
+@flow(name="technical-fit", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def technical_fit(
     config: str | dict[str, Any],
     overrides: list[str] | None = None,
@@ -51,12 +58,15 @@ def technical_fit(
     summaries: dict[str, Any] = {"groups": assign_groups(cfg)}
     # Every modality's values are checked and filtered before any fit starts: bad input in
     # one modality must not leave another's results behind, claiming to be complete.
+    # .result() in dependency order: the first failure is raised, not a skipped task's state
+    for future in [ingest.submit(cfg, name, plans[name]) for name in names]:
+        future.result()
+    filtered = {name: filter_step.submit(cfg, name) for name in names}
+    summaries |= {name: {"filters": filtered[name].result()} for name in names}
+    fits = {name: fit.submit(cfg, name) for name in names}
+    draws = {name: sample.submit(cfg, name, wait_for=[fits[name]]) for name in names}
     for name in names:
-        ingest(cfg, name, plans[name])
-    for name in names:
-        summaries[name] = {"filters": filter_step(cfg, name)}
-    for name in names:
-        summaries[name] |= {"fit": fit(cfg, name), "sample": sample(cfg, name)}
+        summaries[name] |= {"fit": fits[name].result(), "sample": draws[name].result()}
     return finalize(cfg, started, summaries)
 
 

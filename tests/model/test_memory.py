@@ -59,15 +59,12 @@ def test_slurm_bytes_ignores_missing_and_garbage(environ: dict[str, str]) -> Non
     assert slurm_bytes(environ) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: slurm_bytes takes SLURM_MEM_PER_NODE=0 (sbatch --mem=0 = 'all the node's "
-    "memory') or a negative value as an allocation of <= 0 bytes, so sampling is planned in "
-    "batches of 1 draw instead of falling back to available RAM",
-)
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_slurm_bytes_ignores_non_positive_allocations(value: str) -> None:
+    """sbatch --mem=0 means all of the node's memory: no number to plan with (was a bug)."""
     assert slurm_bytes({"SLURM_MEM_PER_NODE": value}) is None
+    assert slurm_bytes({"SLURM_MEM_PER_CPU": value, "SLURM_CPUS_ON_NODE": "4"}) is None
+    assert memory_budget({"SLURM_MEM_PER_NODE": value}, available_ram=RAM).usable_bytes == RAM
 
 
 # -- memory_budget ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from factories import negbinom_screen
 
 from bayesdream_model.distributions import get_family
 from bayesdream_model.distributions.negbinom import NegBinom
+from bayesdream_model.errors import ModelError
 from bayesdream_model.fit import FittedModel, restore_fitted
 from bayesdream_model.memory import SamplingPlan
 from bayesdream_model.posterior import posterior_batches
@@ -19,17 +20,6 @@ NSAMPLES = 20
 ONE_BATCH = SamplingPlan(NSAMPLES, NSAMPLES, True, 0, "one vectorised batch")
 SPLIT = SamplingPlan(NSAMPLES, 7, False, 0, "batches of 7, the last one partial")
 PLANS = [pytest.param(ONE_BATCH, id="one_batch"), pytest.param(SPLIT, id="split")]
-
-# Pyro's global param store: a later fit re-creates the names an earlier guide reads.
-PARAM_STORE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: AutoNormal/AutoFeatureMVN keep their parameters in Pyro's global param store "
-    "under fixed names (AutoNormal.locs.mu_ntc, ...); the next fit_technical/restore_fitted "
-    "clears the store and re-creates those names, so an earlier FittedModel silently samples "
-    "the LATER fit's parameters (or fails with a shape error when C or T differ). The IAF "
-    "guide is not affected.",
-)
-
 
 def fit_tiny(n_groups: int, guide: str, *, data_seed: int | None = None) -> FittedModel:
     """A 30-step fit of a 120 x 8 all-NTC screen."""
@@ -111,7 +101,6 @@ def test_same_seed_same_draws(guide: str, plan: SamplingPlan) -> None:
 @pytest.mark.parametrize("n_groups", [1, 2, 3])
 def test_restore_fitted_reproduces_draws(n_groups: int, guide: str) -> None:
     fitted = fit_tiny(n_groups, guide)
-    # draw before restoring: restoring re-creates Pyro's param store (see PARAM_STORE_BUG)
     original = {plan.reason: draw_all(fitted, plan) for plan in (ONE_BATCH, SPLIT)}
     restored = restore_fitted(
         get_family("negbinom"),
@@ -125,15 +114,9 @@ def test_restore_fitted_reproduces_draws(n_groups: int, guide: str) -> None:
         assert_same_draws(original[plan.reason], draw_all(restored, plan))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG: restore_fitted reads T off the FIRST prior input (`inputs[next(iter(inputs))]"
-    ".shape[-1]`); inputs read back from a store come in store order (zarr listed `beta_o_beta` "
-    "first), a 0-d array, so it raises IndexError. It should use family.n_features(inputs).",
-)
 @pytest.mark.parametrize("guide", GUIDES)
 def test_restore_fitted_does_not_depend_on_input_order(guide: str) -> None:
+    """Inputs read back from a store come in store order (was a bug: T read off the first)."""
     fitted = fit_tiny(2, guide)
     restored = restore_fitted(
         get_family("negbinom"),
@@ -145,11 +128,13 @@ def test_restore_fitted_does_not_depend_on_input_order(guide: str) -> None:
     assert restored.n_features == N_FEATURES
 
 
-@pytest.mark.parametrize(
-    "guide", [g if g == "iaf" else pytest.param(g, marks=PARAM_STORE_BUG) for g in GUIDES]
-)
+@pytest.mark.parametrize("guide", GUIDES)
 def test_draws_survive_a_later_fit(guide: str) -> None:
-    """Fitting another screen of the same shape must not change an earlier fit's draws."""
+    """Fitting another screen of the same shape must not change an earlier fit's draws.
+
+    (Was a bug: guides kept their parameters in Pyro's global param store under fixed names,
+    so an earlier mean-field fit silently sampled the later fit's parameters.)
+    """
     fitted = fit_tiny(2, guide)
     before = draw_all(fitted, ONE_BATCH)
     fit_tiny(2, guide, data_seed=99)  # same shapes and parameter names, other data
@@ -177,3 +162,17 @@ def test_batches_are_seeded_per_start(guide: str) -> None:
     assert_same_draws(resumed, {start: everything[start] for start in resumed})
     only_last = draw_all(fitted, SPLIT, skip=frozenset({0, 7}))
     assert_same_draws(only_last, {14: everything[14]})
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_restore_with_mismatched_params_is_a_model_error(guide: str) -> None:
+    fitted = fit_tiny(2, guide)
+    other = fit_tiny(3, guide)
+    with pytest.raises(ModelError, match=f"do not match the {guide} guide"):
+        restore_fitted(
+            get_family("negbinom"),
+            inputs=other.prior_inputs(),
+            params=fitted.params(),
+            guide_kind=guide,
+            n_groups=3,
+        )
