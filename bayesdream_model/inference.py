@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyro
 import torch
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import OneCycleLR
@@ -18,6 +19,7 @@ from bayesdream_model.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+MIN_SCHEDULE_STEPS = 100
 ProgressFn = Callable[[int, int, float], None]  # (step, niters, loss)
 
 
@@ -55,7 +57,7 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: SviSettings):
     scheduler = OneCycleLR(
         optimizer,
         max_lr=settings.lr * settings.peak_factor,
-        total_steps=settings.niters,
+        total_steps=max(settings.niters, MIN_SCHEDULE_STEPS),  # shorter schedules divide by 0
         pct_start=0.1,
         div_factor=25.0,
         final_div_factor=1e4,
@@ -123,11 +125,19 @@ def run_svi(
     loss_fn = elbo(model, guide)
     params = [p for p in guide.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, settings)
+    # Distribution argument checks cost about half of a small step; a diverging fit still
+    # shows as a non-finite loss, which ends the loop with a clear error.
+    with pyro.validation_enabled(False):
+        return _loop(loss_fn, optimizer, scheduler, params, settings, on_progress)
+
+
+def _loop(loss_fn, optimizer, scheduler, params, settings: SviSettings, on_progress) -> SviResult:
+    """The optimisation loop of `run_svi`."""
+    start = time.perf_counter()
     losses: list[float] = []
     smoothed: float | None = None
     plateau = PlateauDetector(settings)
     reason = f"reached niters={settings.niters}"
-    start = time.perf_counter()
     for step in range(settings.niters):
         loss = _step(loss_fn, optimizer, params, settings.clip_norm, step)
         losses.append(loss)

@@ -263,7 +263,7 @@ def resolve_threads(requested: int | None, n_elements: int) -> int:
     if requested is None:
         from tasks.resources import set_torch_threads
 
-        return set_torch_threads(n_elements)
+        return set_torch_threads(None)  # the pipeline's default (n_elements no longer matters)
     torch.set_num_threads(requested)
     return requested
 

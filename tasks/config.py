@@ -133,6 +133,7 @@ class FitConfig(BaseModel):
     guide: Literal["auto", "mean_field", "feature_mvn", "iaf"] = "auto"
     # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
     convergence: Literal["plateau", "ewma"] = "plateau"
+    threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
 
 
 class RunConfig(BaseModel):

@@ -49,7 +49,7 @@ def fit_modality(
     features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
     data = read_fit_arrays(root, name, groups, features=features)
     device = resolve_device(fit.device)
-    threads = set_torch_threads(data.y.size)
+    threads = set_torch_threads(fit.threads)
     log.info(
         "Modality '%s': fitting %s on %d cells x %d features, %d groups, device %s (%d threads)",
         name, family.spec.name, data.n_cells, data.n_features, data.n_groups, device, threads,
