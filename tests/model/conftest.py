@@ -32,7 +32,7 @@ def one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def fresh_param_store():
-    """Each test starts with an empty Pyro param store (AutoNormal reads stale names from it)."""
+    """Each test starts with an empty Pyro param store (no state shared through it by name)."""
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()

@@ -118,9 +118,9 @@ def test_single_group_has_no_effect_init() -> None:
     assert get_family("negbinom").initial_values(screen(1)) == {}
 
 
-@pytest.mark.parametrize("kind", ["mean_field", "iaf"])
+@pytest.mark.parametrize("kind", ["mean_field", "iaf", "feature_mvn"])
 def test_guides_start_at_the_initial_values(kind: str) -> None:
-    """Mean-field locs / the IAF anchor hold the empirical effects at the start."""
+    """Mean-field locs, the IAF anchor, the per-feature MVN locs hold the empirical effects."""
     data = screen()
     family = get_family("negbinom")
     model = TechnicalModel(family, family.prior_inputs(data), data.n_groups)
@@ -130,6 +130,8 @@ def test_guides_start_at_the_initial_values(kind: str) -> None:
     expected = inits["log2_alpha_y"]
     if kind == "mean_field":
         start = guide.locs.log2_alpha_y.detach()
-    else:  # the anchor is the unconstrained latent vector; the effect site comes first
+    elif kind == "iaf":  # the anchor is the unconstrained latent vector; effects come first
         start = guide.anchor[: expected.numel()].reshape(expected.shape)
+    else:  # loc [T, D]: each feature's effects come first
+        start = guide.loc.detach()[:, : expected.shape[0]].T
     torch.testing.assert_close(start, expected)

@@ -21,12 +21,11 @@ ONE_BATCH = SamplingPlan(NSAMPLES, NSAMPLES, True, 0, "one vectorised batch")
 SPLIT = SamplingPlan(NSAMPLES, 7, False, 0, "batches of 7, the last one partial")
 PLANS = [pytest.param(ONE_BATCH, id="one_batch"), pytest.param(SPLIT, id="split")]
 
+
 def fit_tiny(n_groups: int, guide: str, *, data_seed: int | None = None) -> FittedModel:
     """A 30-step fit of a 120 x 8 all-NTC screen."""
     seed = n_groups if data_seed is None else data_seed
-    _, data = negbinom_screen(
-        n_cells=N_CELLS, n_features=N_FEATURES, n_groups=n_groups, seed=seed
-    )
+    _, data = negbinom_screen(n_cells=N_CELLS, n_features=N_FEATURES, n_groups=n_groups, seed=seed)
     return fit_negbinom(data, guide, niters=NITERS, seed=1)
 
 
