@@ -20,7 +20,13 @@ from bayesdream_model.guides import (
     choose_guide,
     elbo_for,
 )
-from bayesdream_model.inference import ProgressFn, SviResult, SviSettings, run_svi
+from bayesdream_model.inference import (
+    Checkpointing,
+    ProgressFn,
+    SviResult,
+    SviSettings,
+    run_svi,
+)
 from bayesdream_model.model import TechnicalModel
 
 log = logging.getLogger(__name__)
@@ -66,9 +72,14 @@ class FittedModel:
 
 
 def fit_technical(
-    family: Family, data: FitArrays, options: FitOptions, *, on_progress: ProgressFn | None = None
+    family: Family,
+    data: FitArrays,
+    options: FitOptions,
+    *,
+    on_progress: ProgressFn | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> FittedModel:
-    """SVI fit of the technical model on `data` (fit features only)."""
+    """SVI fit of the technical model on `data` (fit features only), resumable."""
     device = torch.device(options.device)
     pyro.set_rng_seed(options.seed)
     inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
@@ -91,7 +102,14 @@ def fit_technical(
         tolerance=options.tolerance,
         convergence=options.convergence,
     )
-    result = run_svi(model, guide, elbo_for(choice.kind), settings, on_progress=on_progress)
+    result = run_svi(
+        model,
+        guide,
+        elbo_for(choice.kind),
+        settings,
+        on_progress=on_progress,
+        checkpointing=checkpointing,
+    )
     if result.stop_reason.startswith("non-finite"):
         raise ModelError(
             f"SVI {result.stop_reason} for '{family.spec.name}': lower fit.lr (now {options.lr})"

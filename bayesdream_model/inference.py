@@ -108,6 +108,15 @@ class PlateauDetector:
         return reason
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Resumable SVI: `save(state)` every `every_s` seconds; `state` resumes a killed fit."""
+
+    save: Callable[[dict], None]
+    state: dict | None = None
+    every_s: float = 30.0
+
+
 def run_svi(
     model,
     guide,
@@ -115,56 +124,102 @@ def run_svi(
     settings: SviSettings,
     *,
     on_progress: ProgressFn | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> SviResult:
     """Run SVI until converged or `niters` steps; the scheduler steps every step.
 
     The guide holds its parameters itself (Pyro's module-local parameters), so fits never
     share state through Pyro's global parameter store. Gradients are clipped per parameter
-    tensor at `clip_norm`, as Pyro's `clip_args` does.
+    tensor at `clip_norm`, as Pyro's `clip_args` does. With `checkpointing`, the whole
+    state (guide, optimiser, schedule, losses, stop rule, torch RNG) is saved regularly,
+    and a fit resumed from it continues exactly as the uninterrupted one would have.
     """
-    loss_fn = elbo(model, guide)
-    params = [p for p in guide.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, settings)
+    loop = _Loop(elbo(model, guide), guide, settings)
+    if checkpointing is not None and checkpointing.state is not None:
+        loop.load_state_dict(checkpointing.state)
+        log.info("SVI resumed at step %d of %d", len(loop.losses), settings.niters)
     # Distribution argument checks cost about half of a small step; a diverging fit still
     # shows as a non-finite loss, which ends the loop with a clear error.
     with pyro.validation_enabled(False):
-        return _loop(loss_fn, optimizer, scheduler, params, settings, on_progress)
+        return loop.run(on_progress, checkpointing)
 
 
-def _loop(loss_fn, optimizer, scheduler, params, settings: SviSettings, on_progress) -> SviResult:
-    """The optimisation loop of `run_svi`."""
-    start = time.perf_counter()
-    losses: list[float] = []
-    smoothed: float | None = None
-    plateau = PlateauDetector(settings)
-    reason = f"reached niters={settings.niters}"
-    for step in range(settings.niters):
-        loss = _step(loss_fn, optimizer, params, settings.clip_norm, step)
-        losses.append(loss)
-        if step + 1 < settings.niters:
-            scheduler.step()  # stepping past the schedule's end raises
-        if not math.isfinite(loss):
-            reason = f"non-finite loss at step {step}"
-            break
-        if step % settings.log_every == 0:
-            log.info("SVI step %d/%d: loss %.5e", step, settings.niters, loss)
-        if on_progress is not None:
-            on_progress(step, settings.niters, loss)
-        if settings.convergence == "plateau":
-            stop = plateau.update(losses)
-            if stop is not None:
-                reason = f"{stop} (step {step})"
+class _Loop:
+    """The optimisation loop's state, so that it can be saved and resumed."""
+
+    def __init__(self, loss_fn, guide, settings: SviSettings) -> None:
+        self.loss_fn, self.guide, self.settings = loss_fn, guide, settings
+        self.params = [p for p in guide.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(self.params, settings)
+        self.losses: list[float] = []
+        self.smoothed: float | None = None
+        self.plateau = PlateauDetector(settings)
+        self.seconds = 0.0
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit."""
+        return {
+            "guide": self.guide.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "losses": list(self.losses),
+            "smoothed": self.smoothed,
+            "plateau": (self.plateau.previous, self.plateau.flat),
+            "seconds": self.seconds,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output."""
+        self.guide.load_state_dict(state["guide"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.losses, self.smoothed = list(state["losses"]), state["smoothed"]
+        self.plateau.previous, self.plateau.flat = state["plateau"]
+        self.seconds = state["seconds"]
+        torch.set_rng_state(state["rng"])
+
+    def run(self, on_progress: ProgressFn | None, checkpointing: Checkpointing | None) -> SviResult:
+        """Steps until a stop rule fires; returns the trace and the reason."""
+        settings = self.settings
+        start, saved = time.perf_counter() - self.seconds, time.perf_counter()
+        reason = f"reached niters={settings.niters}"
+        for step in range(len(self.losses), settings.niters):
+            loss = _step(self.loss_fn, self.optimizer, self.params, settings.clip_norm, step)
+            self.losses.append(loss)
+            if step + 1 < settings.niters:
+                self.scheduler.step()  # stepping past the schedule's end raises
+            if not math.isfinite(loss):
+                reason = f"non-finite loss at step {step}"
                 break
-        elif smoothed is None:
-            smoothed = loss
-        elif ewma_converged(loss, smoothed, settings):
-            reason = f"converged: |a*(loss-ewma)| < {settings.tolerance:g} at step {step}"
-            break
-        else:
-            smoothed = settings.ewma_alpha * loss + (1 - settings.ewma_alpha) * smoothed
-    seconds = time.perf_counter() - start
-    log.info("SVI stopped after %d steps (%s) in %.1f s", len(losses), reason, seconds)
-    return SviResult(np.asarray(losses), len(losses), reason, seconds)
+            if step % settings.log_every == 0:
+                log.info("SVI step %d/%d: loss %.5e", step, settings.niters, loss)
+            if on_progress is not None:
+                on_progress(step, settings.niters, loss)
+            stop = self._converged(step, loss)
+            if stop is not None:
+                reason = stop
+                break
+            if checkpointing is not None and time.perf_counter() - saved > checkpointing.every_s:
+                self.seconds = time.perf_counter() - start
+                checkpointing.save(self.state_dict())
+                saved = time.perf_counter()
+        seconds = time.perf_counter() - start
+        log.info("SVI stopped after %d steps (%s) in %.1f s", len(self.losses), reason, seconds)
+        return SviResult(np.asarray(self.losses), len(self.losses), reason, seconds)
+
+    def _converged(self, step: int, loss: float) -> str | None:
+        settings = self.settings
+        if settings.convergence == "plateau":
+            stop = self.plateau.update(self.losses)
+            return None if stop is None else f"{stop} (step {step})"
+        if self.smoothed is None:
+            self.smoothed = loss
+            return None
+        if ewma_converged(loss, self.smoothed, settings):
+            return f"converged: |a*(loss-ewma)| < {settings.tolerance:g} at step {step}"
+        self.smoothed = settings.ewma_alpha * loss + (1 - settings.ewma_alpha) * self.smoothed
+        return None
 
 
 def _step(loss_fn, optimizer, params, clip_norm: float, step: int) -> float:

@@ -47,20 +47,27 @@ def draw_batch(fitted: FittedModel, size: int, *, parallel: bool) -> dict[str, t
     return {name: draws[name].reshape(size, *shapes[name]) for name in shapes}
 
 
+def draw_range(
+    fitted: FittedModel, start: int, stop: int, *, seed: int, parallel: bool = True
+) -> dict[str, np.ndarray]:
+    """Results for draws start..stop, seeded from (seed, start) alone.
+
+    A range's draws therefore do not depend on which ranges were drawn before it: a
+    resumed run redraws only what is missing and gets what the uninterrupted run got.
+    """
+    pyro.set_rng_seed(seed * 1_000_003 + start)
+    draws = draw_batch(fitted, stop - start, parallel=parallel)
+    derived = fitted.family.derive(draws, fitted.model.n_groups, fitted.model.inputs)
+    return {k: v.detach().cpu().numpy() for k, v in derived.items()}
+
+
 def posterior_batches(
     fitted: FittedModel, plan: SamplingPlan, *, seed: int, skip: frozenset[int] = frozenset()
 ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """Yield (start, stop, results for the fit features) batch by batch.
-
-    Each batch is seeded from (seed, start) so a batch's draws do not depend on which
-    batches were drawn before it (a resumed run redraws only what is missing).
-    """
-    n_groups = fitted.model.n_groups
+    """Yield (start, stop, results for the fit features) batch by batch (skipping `skip`)."""
     for index, (start, stop) in enumerate(plan.batches()):
         if start in skip:
             continue
-        pyro.set_rng_seed(seed * 1_000_003 + start)
-        draws = draw_batch(fitted, stop - start, parallel=plan.parallel)
-        derived = fitted.family.derive(draws, n_groups, fitted.model.inputs)
+        results = draw_range(fitted, start, stop, seed=seed, parallel=plan.parallel)
         log.info("posterior batch %d/%d (draws %d-%d)", index + 1, plan.n_batches, start, stop)
-        yield start, stop, {k: v.detach().cpu().numpy() for k, v in derived.items()}
+        yield start, stop, results

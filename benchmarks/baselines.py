@@ -97,17 +97,15 @@ def dense_log_likelihood_normal(params: dict, data: FitArrays) -> torch.Tensor:
 
 def dense_log_likelihood_studentt(params: dict, data: FitArrays) -> torch.Tensor:
     """log StudentT(3; mu_ntc + delta[g], sigma_y) per finite cell, 0 for NaN/Inf [N, T]."""
-    return _dense_continuous(
-        params, data, lambda loc, scale: dist.StudentT(STUDENT_DF, loc, scale)
-    )
+    return _dense_continuous(params, data, lambda loc, scale: dist.StudentT(STUDENT_DF, loc, scale))
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over unmasked categories (masked ones 0); a fully masked row is uniform."""
-    k = logits.shape[-1]
     all_masked = mask.all(dim=-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(mask, float("-inf")).masked_fill(all_masked, 0.0), -1)
-    return torch.where(all_masked, torch.full_like(probs, 1.0 / k), probs)
+    # a fully masked row gets equal logits (0) everywhere: softmax makes it uniform
+    filled = logits.masked_fill(mask, float("-inf")).masked_fill(all_masked, 0.0)
+    return torch.softmax(filled, dim=-1)
 
 
 def dense_log_likelihood_multinomial(params: dict, data: FitArrays) -> torch.Tensor:

@@ -1,16 +1,23 @@
-"""The `bayesdream` command line: run, summary, demo."""
+"""The `bayesdream` command line: run, summary, demo, deploy."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from tasks.errors import PipelineError
 
 log = logging.getLogger("bayesdream")
+
+# Entrypoints in a prefect.yaml (`flows/technical_fit.py:...`) are relative to this folder.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", type=Path, help="CSV path (default: standard output)")
     demo = sub.add_parser("demo", help="simulate a small screen and run the whole flow on it")
     demo.add_argument("--dir", type=Path, default=Path("demo_run"))
+    deploy = sub.add_parser("deploy", help="register a prefect.yaml's deployments with the API")
+    deploy.add_argument("prefect_file", type=Path, help="e.g. deployments/prefect.yaml")
+    deploy.add_argument("--name", dest="names", action="append", default=[],
+                        metavar="[FLOW/]DEPLOYMENT",
+                        help="deploy only this one (repeatable; default: all of them)")
     return parser
 
 
@@ -48,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "deploy":
+        return deploy(args.prefect_file, args.names)
     if args.command == "summary":
         from tasks.summary import summarize
 
@@ -69,10 +83,72 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        flow = technical_fit.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+        runner = ThreadPoolTaskRunner(max_workers=args.workers)
+        flow = technical_fit.with_options(task_runner=runner)
     store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
     return 0
+
+
+def deploy(prefect_file: Path, names: list[str]) -> int:
+    """Run Prefect's own `prefect deploy` for `prefect_file` from the project root.
+
+    Returns its exit status. Raises `PipelineError` before running anything when no API
+    is configured (deployments would go to a throwaway local database no worker sees),
+    or when the file or a requested deployment name is missing.
+    """
+    api_url = _api_url()
+    path = prefect_file.resolve()
+    declared = _declared_deployments(path)
+    for name in names:
+        if not fnmatch.filter(declared, name.rsplit("/", 1)[-1]):
+            raise PipelineError(
+                f"--name '{name}' matches no deployment in '{path}'; it declares "
+                f"{sorted(declared)} (use [FLOW/]DEPLOYMENT, e.g. technical-fit/{declared[0]})."
+            )
+    command = [_prefect_executable(), "--no-prompt", "deploy", "--prefect-file", str(path)]
+    command += [arg for name in names for arg in ("--name", name)] or ["--all"]
+    log.info("Deploying from %s to %s: %s", PROJECT_ROOT, api_url, " ".join(command))
+    env = os.environ | {"PREFECT_API_URL": api_url}
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False).returncode
+
+
+def _api_url() -> str:
+    """The Prefect API the deployments go to: PREFECT_API_URL from the env or profile."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise PipelineError(
+            "PREFECT_API_URL is not set, so there is no Prefect server to register the "
+            "deployments with (Prefect would use a temporary local database that no worker "
+            "polls). Start one (`prefect server start`) and set it, e.g. "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` or "
+            "`prefect config set PREFECT_API_URL=...`; see deployments/README.md."
+        )
+    return str(url)
+
+
+def _declared_deployments(path: Path) -> list[str]:
+    """The deployment names `path` declares; a missing file or empty list is an error."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise PipelineError(f"Cannot read the Prefect deployment file '{path}': {err}") from err
+    deployments = data.get("deployments") if isinstance(data, dict) else None
+    names = [item.get("name") for item in deployments or [] if isinstance(item, dict)]
+    if not names or not all(isinstance(name, str) for name in names):
+        raise PipelineError(
+            f"'{path}' declares no named deployments; expected a `deployments:` list whose "
+            "items each have a `name` (see deployments/prefect.yaml)."
+        )
+    return names
+
+
+def _prefect_executable() -> str:
+    """The `prefect` next to this interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).with_name("prefect")
+    return str(beside) if beside.exists() else "prefect"
 
 
 if __name__ == "__main__":

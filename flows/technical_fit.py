@@ -52,19 +52,19 @@ def technical_fit(
     started = time.time()
     cfg = resolve_config(config, list(overrides or []))
     names = _selected(cfg, modality)
-    withdraw_completion(cfg, names)
+    prints = withdraw_completion(cfg, names)
     plans = preflight(cfg, names)
-    create_store(cfg, names)
-    summaries: dict[str, Any] = {"groups": assign_groups(cfg)}
+    create_store(cfg, names, prints)
+    summaries: dict[str, Any] = {"groups": assign_groups(cfg, prints)}
     # Every modality's values are checked and filtered before any fit starts: bad input in
     # one modality must not leave another's results behind, claiming to be complete.
     # .result() in dependency order: the first failure is raised, not a skipped task's state
-    for future in [ingest.submit(cfg, name, plans[name]) for name in names]:
+    for future in [ingest.submit(cfg, name, plans[name], prints) for name in names]:
         future.result()
-    filtered = {name: filter_step.submit(cfg, name) for name in names}
+    filtered = {name: filter_step.submit(cfg, name, prints) for name in names}
     summaries |= {name: {"filters": filtered[name].result()} for name in names}
-    fits = {name: fit.submit(cfg, name) for name in names}
-    draws = {name: sample.submit(cfg, name, wait_for=[fits[name]]) for name in names}
+    fits = {name: fit.submit(cfg, name, prints) for name in names}
+    draws = {name: sample.submit(cfg, name, prints, wait_for=[fits[name]]) for name in names}
     for name in names:
         summaries[name] |= {"fit": fits[name].result(), "sample": draws[name].result()}
     return finalize(cfg, started, summaries)

@@ -134,6 +134,7 @@ class FitConfig(BaseModel):
     # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
     convergence: Literal["plateau", "ewma"] = "plateau"
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
+    checkpoint_seconds: float = Field(default=30.0, gt=0)  # SVI state saved this often
 
 
 class RunConfig(BaseModel):

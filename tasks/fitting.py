@@ -6,31 +6,41 @@ import logging
 import time
 from dataclasses import replace
 
+import io
+
 import numpy as np
+import torch
 import zarr
 
 from bayesdream_model.distributions import get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
+from bayesdream_model.inference import Checkpointing
+from tasks.artifacts import Progress, artifact_key
 from tasks.config import FitConfig
 from tasks.errors import StoreError
 from tasks.groups import read_groups
 from tasks.prepare import read_fit_arrays, read_flags
 from tasks.resources import resolve_device, set_torch_threads, total_vram
-from tasks.store import fit_key, fresh_group, inputs_key, mark_complete, write_array
+from tasks.store import COMPLETE, fit_key, fresh_group, inputs_key, mark_complete, write_array
 
 logger = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
 INPUT_ORDER = "order"  # attr of fit/<name>/inputs: the prior inputs in the family's order
 
 
 class ProgressLogger:
-    """Logs SVI progress every `every` steps (and on the last)."""
+    """Logs SVI progress every `every` steps (and on the last); a progress artifact and bar."""
 
     def __init__(self, log: logging.Logger, name: str, *, every: int = 500) -> None:
         self.log, self.name, self.every = log, name, every
         self.start = time.perf_counter()
+        self.progress = Progress(
+            artifact_key("fit-progress", name), f"{name}: SVI", unit="step", log=log
+        )
 
     def __call__(self, step: int, niters: int, loss: float) -> None:
         """The callback handed to the SVI loop."""
+        self.progress.update(step + 1, niters)
         if step % self.every == 0 or step + 1 == niters:
             rate = (step + 1) / max(time.perf_counter() - self.start, 1e-9)
             self.log.info(
@@ -40,9 +50,17 @@ class ProgressLogger:
 
 
 def fit_modality(
-    root: zarr.Group, name: str, fit: FitConfig, log: logging.Logger | None = None
+    root: zarr.Group,
+    name: str,
+    fit: FitConfig,
+    log: logging.Logger | None = None,
+    *,
+    fingerprint: str | None = None,
 ) -> dict:
-    """Fit `name` on its fit features; writes `fit/<name>/` (complete last). Returns a summary."""
+    """Fit `name` on its fit features; writes `fit/<name>/` (complete last). Returns a summary.
+
+    A fit of the same inputs (`fingerprint`) that was killed resumes from its checkpoint.
+    """
     log = log or logger
     family = get_family(root[inputs_key(name)].attrs["distribution"])
     groups = read_groups(root)
@@ -58,19 +76,44 @@ def fit_modality(
         niters=fit.niters, lr=fit.lr, tolerance=fit.tolerance, seed=fit.seed, device=device,
         vram_bytes=total_vram(device), guide=fit.guide, convergence=fit.convergence,
     )
-    fitted = fit_technical(family, data, options, on_progress=ProgressLogger(log, name))
-    _write_fit(root, name, fitted, features, device)
+    group, state = _fit_group(root, name, fingerprint)
+    if state is not None:
+        log.info("Modality '%s': resuming the fit from its checkpoint", name)
+    checkpointing = Checkpointing(
+        save=lambda st: _save_checkpoint(group, st), state=state, every_s=fit.checkpoint_seconds
+    )
+    on_progress = ProgressLogger(log, name)
+    fitted = fit_technical(
+        family, data, options, on_progress=on_progress, checkpointing=checkpointing
+    )
+    on_progress.progress.finish()  # a fit that converged early is finished too
+    _write_fit(group, fitted, features, device)
     return {"niters_run": fitted.svi.niters_run, "stop_reason": fitted.svi.stop_reason}
 
 
-def _write_fit(
-    root: zarr.Group, name: str, fitted: FittedModel, features: np.ndarray, device: str
-) -> None:
-    """Guide state, prior inputs, loss trace and how the fit went."""
-    group = fresh_group(
-        root,
-        fit_key(name),
-        "bayesdream-fit",
+def _fit_group(root: zarr.Group, name: str, fingerprint: str | None) -> tuple[zarr.Group, dict | None]:
+    """The group of a killed fit of the same inputs (with its checkpoint), else a fresh one."""
+    key = fit_key(name)
+    if key in root and fingerprint is not None and CHECKPOINT in root[key]:
+        group = root[key]
+        if group.attrs.get("fingerprint") == fingerprint and not group.attrs.get(COMPLETE):
+            buffer = io.BytesIO(group[CHECKPOINT][...].tobytes())
+            return group, torch.load(buffer, weights_only=False)
+    return fresh_group(root, key, "bayesdream-fit", fingerprint=fingerprint), None
+
+
+def _save_checkpoint(group: zarr.Group, state: dict) -> None:
+    """The whole SVI state as one byte array (a chunk write is atomic: temp file + rename)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    group.create_array(CHECKPOINT, shape=data.shape, chunks=data.shape, dtype="uint8",
+                       overwrite=True)[...] = data
+
+
+def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, device: str) -> None:
+    """Guide state, prior inputs, loss trace and how the fit went; the checkpoint goes."""
+    group.attrs.update(
         distribution=fitted.family.spec.name,
         guide=fitted.guide_kind,
         device=device,
@@ -90,6 +133,8 @@ def _write_fit(
     inputs.attrs[INPUT_ORDER] = list(prior_inputs)
     write_array(group, "loss", fitted.svi.losses.astype(np.float64))
     write_array(group, "features", features.astype(np.int64))
+    if CHECKPOINT in group:
+        del group[CHECKPOINT]
     mark_complete(group)
 
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 import zarr
 
 from bayesdream_model.distributions import OutputSpec
 from bayesdream_model.memory import plan_sampling
-from bayesdream_model.posterior import posterior_batches
+from bayesdream_model.posterior import draw_range
 from tasks.fitting import load_fitted
 from tasks.groups import read_groups
 from tasks.prepare import fit_cell_index, read_flags
 from tasks.resources import resolve_device, sampling_budget
 from tasks.store import (
     CIS_KEY,
+    COMPLETE,
     fit_key,
     fresh_group,
     inputs_key,
@@ -83,15 +86,35 @@ def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[
     return arrays
 
 
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to draw: how many, the seed, the batch size (None = planned), where, the cis
+    feature, and the fingerprint of the inputs (a killed run of the same one resumes)."""
+
+    nsamples: int
+    seed: int = 0
+    minibatch_size: int | None = None
+    device: str = "cpu"
+    cis_feature: str | None = None
+    fingerprint: str | None = None
+
+
+BatchFn = Callable[[int, int], None]  # (batches written, batches in all)
+
+
 def sample_modality(
-    root: zarr.Group, name: str, *, nsamples: int, seed: int, minibatch_size: int | None,
-    device: str, cis_feature: str | None, log: logging.Logger | None = None,
+    root: zarr.Group,
+    name: str,
+    request: SampleRequest,
+    log: logging.Logger | None = None,
+    on_batch: BatchFn | None = None,
 ) -> dict:
-    """Draw `nsamples` posterior samples into `technical/<name>/` (and `technical/cis/`)."""
+    """Draw posterior samples into `technical/<name>/` (and `technical/cis/`), batch by batch."""
     log = log or logger
+    nsamples, seed, cis_feature = request.nsamples, request.seed, request.cis_feature
     start_time = time.perf_counter()
     fit_group = root[fit_key(name)]
-    device = resolve_device(device)
+    device = resolve_device(request.device)
     fitted = load_fitted(root, name, device=device)
     family, n_groups = fitted.family, fitted.model.n_groups
     names = read_strings(root[inputs_key(name)], "feature_names")
@@ -100,33 +123,95 @@ def sample_modality(
     n_categories = family.n_categories(fitted.model.inputs)  # K for 3-D families, else None
     plan = plan_sampling(  # a 3-D family's K categories count as K features each
         nsamples=nsamples, shape=(n_cells, fitted.n_features * (n_categories or 1), n_groups),
-        budget=sampling_budget(device), user_batch=minibatch_size,
+        budget=sampling_budget(device), user_batch=request.minibatch_size,
     )
     log.info("Modality '%s': sampling plan: %s", name, plan.reason)
-    group = fresh_group(root, results_key(name), "bayesdream-technical")
     outputs = family.outputs()
     shape_args = (nsamples, n_groups, layout.n_results, n_categories)
-    arrays = _create_outputs(group, outputs, shape_args, plan.batch_size)
-    cis_arrays = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
-    in_results = layout.fit_to_result >= 0
-    for start, stop, batch in posterior_batches(fitted, plan, seed=seed):
-        for out in outputs:
-            _write_batch(arrays[out.name], out, batch[out.name], (start, stop), layout, in_results)
-            if cis_arrays and out.name in CIS_NAMES and layout.cis_fit_column is not None:
-                cis_arrays[CIS_NAMES[out.name]][start:stop] = batch[out.name][
-                    ..., layout.cis_fit_column
-                ]
+    group, done = _results_group(root, name, request.fingerprint)
+    if done is None:  # a fresh start: every array at full size before the first draw
+        group.attrs.update(sampling_batch_size=plan.batch_size, batches_done=[])
+        arrays = _create_outputs(group, outputs, shape_args, plan.batch_size)
+        cis = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
+        done = []
+    else:  # a killed run of the same inputs: reuse its arrays, skip the batches it wrote
+        plan = replace(plan, batch_size=int(group.attrs["sampling_batch_size"]))
+        arrays = {out.name: group[out.name] for out in outputs}
+        cis = dict(root[CIS_KEY].arrays()) if cis_feature is not None else None
+        log.info("Modality '%s': resuming sampling, %d of %d batches already written",
+                 name, len(done), plan.n_batches)
+    writer = _BatchWriter(outputs, arrays, cis, layout)
+    for start, stop in plan.batches():
+        if start in done:
+            continue
+        for span, batch in _draw_halving_on_oom(fitted, (start, stop), seed, plan.parallel, log):
+            writer.write(span, batch)
+        done.append(start)
+        group.attrs["batches_done"] = done  # after the batch's chunks are on disk
+        if on_batch is not None:
+            on_batch(len(done), plan.n_batches)
     seconds = time.perf_counter() - start_time
     _write_metadata(root, group, name, layout, names, cis_feature, fit_group)
     group.attrs.update(
         {"distribution": family.spec.name, "effect_type": family.spec.effect_type,
          "nsamples": nsamples, "sampling_seconds": seconds, "sampling_batch_size": plan.batch_size}
     )
-    if cis_arrays:
+    if cis is not None:
         mark_complete(root[CIS_KEY])
     mark_complete(group)
     log.info("Modality '%s': %d draws in %.1f s", name, nsamples, seconds)
     return {"sampling_seconds": seconds, "batch_size": plan.batch_size}
+
+
+def _results_group(
+    root: zarr.Group, name: str, fingerprint: str | None
+) -> tuple[zarr.Group, list[int] | None]:
+    """A killed run's results group of the same inputs with its written batches, else fresh."""
+    key = results_key(name)
+    if key in root and fingerprint is not None:
+        group = root[key]
+        attrs = group.attrs
+        if attrs.get("fingerprint") == fingerprint and not attrs.get(COMPLETE):
+            if "batches_done" in attrs and "sampling_batch_size" in attrs:
+                return group, list(attrs["batches_done"])
+    return fresh_group(root, key, "bayesdream-technical", fingerprint=fingerprint), None
+
+
+def _draw_halving_on_oom(fitted, span: tuple[int, int], seed: int, parallel: bool, log):
+    """Draw a batch; out of memory (CPU or CUDA) retries it as two halves, logged."""
+    start, stop = span
+    try:
+        return [(span, draw_range(fitted, start, stop, seed=seed, parallel=parallel))]
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        if stop - start == 1:
+            raise
+        middle = (start + stop) // 2
+        log.warning(
+            "Out of memory drawing posterior samples %d-%d: retrying as %d-%d and %d-%d",
+            start, stop, start, middle, middle, stop,
+        )
+        return _draw_halving_on_oom(fitted, (start, middle), seed, parallel, log) + (
+            _draw_halving_on_oom(fitted, (middle, stop), seed, parallel, log)
+        )
+
+
+class _BatchWriter:
+    """Scatters a batch of fit-feature results into the full-size arrays (and the cis group)."""
+
+    def __init__(self, outputs, arrays, cis_arrays, layout: FeatureLayout) -> None:
+        self.outputs, self.arrays, self.cis, self.layout = outputs, arrays, cis_arrays, layout
+        self.in_results = layout.fit_to_result >= 0
+
+    def write(self, span: tuple[int, int], batch: dict[str, np.ndarray]) -> None:
+        """Every output's region for draws span[0]..span[1]."""
+        start, stop = span
+        column = self.layout.cis_fit_column
+        for out in self.outputs:
+            _write_batch(
+                self.arrays[out.name], out, batch[out.name], span, self.layout, self.in_results
+            )
+            if self.cis and out.name in CIS_NAMES and column is not None:
+                self.cis[CIS_NAMES[out.name]][start:stop] = batch[out.name][..., column]
 
 
 def _write_batch(array, out: OutputSpec, values, span, layout: FeatureLayout, in_results) -> None:

@@ -11,16 +11,21 @@ import zarr
 from prefect import get_run_logger, task
 
 from tasks import provenance
+from tasks.artifacts import Progress, artifact_key, publish_exclusions, publish_reports
 from tasks.config import RunConfig, apply_override, config_from_dict, load_config
 from tasks.fitting import fit_modality
-from tasks.groups import GroupAssignment, assign_groups_in_store, read_groups
+from tasks.fingerprint import Fingerprints, fingerprints
+from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
 from tasks.ingest.matrix import ModalityPlan
-from tasks.prepare import filter_features
-from tasks.sampling import sample_modality
+from tasks.prepare import filter_features, read_flags
+from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import (
+    CELLS,
     CIS_KEY,
     COMPLETE,
+    GROUPS,
+    is_complete,
     fit_key,
     inputs_key,
     open_root,
@@ -39,31 +44,63 @@ def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig
 
 
 @task(name="withdraw-completion")
-def withdraw_completion(cfg: RunConfig, modalities: list[str]) -> bool:
-    """An earlier run's store stops claiming to be complete before this run checks anything.
+def withdraw_completion(cfg: RunConfig, modalities: list[str]) -> Fingerprints:
+    """Fingerprint every step; an earlier run's store stops claiming more than it holds.
 
-    Only the `complete` marks go (root, and the results this run rewrites): a run that
+    The root's `complete` always goes (this run is in progress), and so does that of every
+    group this run will rewrite because something it depends on changed: a run that
     fails, even in pre-flight, leaves no store that passes for the result of this config.
-    Returns whether there was a store.
+    Groups whose inputs are unchanged keep their mark: the steps that wrote them are skipped.
     """
+    prints = fingerprints(cfg)
     if not (Path(cfg.store) / "zarr.json").exists():
-        return False
+        return prints
     root = open_root(cfg.store)
-    keys = [results_key(name) for name in modalities]
-    if _cis_rewritten(root, cfg, modalities):
-        keys.append(CIS_KEY)
-    for attrs in [root.attrs] + [root[key].attrs for key in keys if key in root]:
-        if COMPLETE in attrs:
-            del attrs[COMPLETE]
-    return True
+    if COMPLETE in root.attrs:
+        del root.attrs[COMPLETE]
+    for key, fingerprint in _step_keys(cfg, modalities, prints):
+        if key in root and root[key].attrs.get("fingerprint") != fingerprint:
+            if COMPLETE in root[key].attrs:
+                del root[key].attrs[COMPLETE]
+    if _stale_cis(root, cfg, modalities, prints) and COMPLETE in root[CIS_KEY].attrs:
+        del root[CIS_KEY].attrs[COMPLETE]
+    return prints
 
 
-def _cis_rewritten(root: zarr.Group, cfg: RunConfig, modalities: list[str]) -> bool:
-    """`technical/cis` exists and this run replaces it: one of its modalities names a cis
-    feature, or it was left by an earlier run of one of them (which may no longer name one)."""
-    return CIS_KEY in root and (
-        root[CIS_KEY].attrs.get("modality") in modalities
-        or any(cfg.modalities[n].cis_feature for n in modalities)
+def _step_keys(cfg: RunConfig, modalities: list[str], prints: Fingerprints):
+    """(store key, fingerprint) of every step of this run."""
+    yield CELLS, prints.cells
+    yield GROUPS, prints.groups
+    for name in modalities:
+        yield inputs_key(name), prints.ingest[name]
+        yield prep_key(name), prints.filter[name]
+        yield fit_key(name), prints.fit[name]
+        yield results_key(name), prints.sample[name]
+        if cfg.modalities[name].cis_feature is not None:
+            yield CIS_KEY, prints.sample[name]
+
+
+def _unchanged(root: zarr.Group, key: str, fingerprint: str) -> bool:
+    """The group is complete and was written from the same inputs: its step can be skipped."""
+    return is_complete(root, key) and root[key].attrs.get("fingerprint") == fingerprint
+
+
+def _stamp(root: zarr.Group, key: str, fingerprint: str) -> None:
+    root[key].attrs["fingerprint"] = fingerprint
+
+
+def _stale_cis(
+    root: zarr.Group, cfg: RunConfig, modalities: list[str], prints: Fingerprints
+) -> bool:
+    """`technical/cis` belongs to a modality of this run and is not this run's result:
+    the modality no longer names a cis feature, or its inputs changed."""
+    if CIS_KEY not in root:
+        return False
+    owner = root[CIS_KEY].attrs.get("modality")
+    if owner not in modalities:
+        return False
+    return cfg.modalities[owner].cis_feature is None or not _unchanged(
+        root, CIS_KEY, prints.sample[owner]
     )
 
 
@@ -78,71 +115,95 @@ def preflight(cfg: RunConfig, modalities: list[str]) -> dict[str, ModalityPlan]:
 
 
 @task(name="create-store")
-def create_store(cfg: RunConfig, modalities: list[str]) -> str:
-    """Open (or create) the store; nothing in it claims to be finished until rewritten."""
+def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> str:
+    """Open (or create) the store, record the config, and (re)write the cells if changed."""
     root = open_root(cfg.store, create=True)
     if COMPLETE in root.attrs:
         del root.attrs[COMPLETE]
-    for name in modalities:
-        for key in (inputs_key(name), prep_key(name), fit_key(name), results_key(name)):
-            if key in root:
-                del root[key]
-    if _cis_rewritten(root, cfg, modalities):
+    if _stale_cis(root, cfg, modalities, prints):
         del root[CIS_KEY]
     root.attrs.update(
         {"config": json.loads(cfg.model_dump_json()), "provenance": provenance.describe()}
     )
-    table = read_cells_table(cfg)
-    write_cells(root, table, cfg.covariates, cfg.sum_factor_col)
+    if _unchanged(root, CELLS, prints.cells):
+        get_run_logger().info("Cells table unchanged: kept '%s'", CELLS)
+    else:
+        write_cells(root, read_cells_table(cfg), cfg.covariates, cfg.sum_factor_col)
+        _stamp(root, CELLS, prints.cells)
     return str(cfg.store)
 
 
 @task(name="ingest")
-def ingest(cfg: RunConfig, name: str, plan: ModalityPlan) -> str:
+def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) -> str:
     """Copy a modality's matrix into the store, chunked, in the cells table's order."""
-    ingest_modality(open_root(cfg.store), cfg, name, plan, get_run_logger())
-    return f"{cfg.store}/{inputs_key(name)}"
+    root, key = open_root(cfg.store), inputs_key(name)
+    if _unchanged(root, key, prints.ingest[name]):
+        get_run_logger().info("Modality '%s': input files unchanged, ingestion skipped", name)
+    else:
+        ingest_modality(root, cfg, name, plan, get_run_logger())
+        _stamp(root, key, prints.ingest[name])
+    return f"{cfg.store}/{key}"
 
 
 @task(name="assign-groups")
-def assign_groups(cfg: RunConfig) -> list[str]:
+def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     """Technical groups from the covariates; returns the labels in code order."""
-    result = assign_groups_in_store(
-        open_root(cfg.store), use_all_cells=cfg.use_all_cells, policy=cfg.groups_without_ntc
-    )
-    return result.labels
+    root = open_root(cfg.store)
+    if not _unchanged(root, GROUPS, prints.groups):
+        assign_groups_in_store(root, use_all_cells=cfg.use_all_cells, policy=cfg.groups_without_ntc)
+        _stamp(root, GROUPS, prints.groups)
+    return read_groups(root).labels
 
 
 @task(name="filter-features")
-def filter_step(cfg: RunConfig, name: str) -> dict[str, int]:
+def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, int]:
     """NTC filters; returns the number of features flagged by each reason."""
-    flags = filter_features(open_root(cfg.store), name, _groups(cfg), get_run_logger())
+    root, key = open_root(cfg.store), prep_key(name)
+    if _unchanged(root, key, prints.filter[name]):
+        get_run_logger().info("Modality '%s': filters unchanged, skipped", name)
+        flags = read_flags(root, name)
+    else:
+        flags = filter_features(root, name, read_groups(root), get_run_logger())
+        _stamp(root, key, prints.filter[name])
+    publish_exclusions(root, name, get_run_logger())
     return {k: int(v.sum()) for k, v in flags.as_dict().items()}
 
 
-def _groups(cfg: RunConfig) -> GroupAssignment:
-    return read_groups(open_root(cfg.store))
-
-
 @task(name="fit")
-def fit(cfg: RunConfig, name: str) -> dict[str, Any]:
-    """SVI fit of one modality."""
-    return fit_modality(open_root(cfg.store), name, cfg.fit, get_run_logger())
+def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
+    """SVI fit of one modality (skipped when unchanged, resumed when killed)."""
+    root, key = open_root(cfg.store), fit_key(name)
+    if _unchanged(root, key, prints.fit[name]):
+        get_run_logger().info("Modality '%s': fit inputs unchanged, fit skipped", name)
+        attrs = root[key].attrs
+        return {"niters_run": attrs["niters_run"], "stop_reason": attrs["stop_reason"]}
+    return fit_modality(root, name, cfg.fit, get_run_logger(), fingerprint=prints.fit[name])
 
 
 @task(name="sample")
-def sample(cfg: RunConfig, name: str) -> dict[str, Any]:
-    """Posterior draws of one modality into its preallocated results."""
-    return sample_modality(
-        open_root(cfg.store),
-        name,
+def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
+    """Posterior draws of one modality into its preallocated results (resumed when killed)."""
+    root, key = open_root(cfg.store), results_key(name)
+    if _unchanged(root, key, prints.sample[name]):
+        get_run_logger().info("Modality '%s': results unchanged, sampling skipped", name)
+        attrs = root[key].attrs
+        return {"sampling_seconds": attrs["sampling_seconds"],
+                "batch_size": attrs["sampling_batch_size"]}
+    request = SampleRequest(
         nsamples=cfg.fit.nsamples,
         seed=cfg.fit.seed,
         minibatch_size=cfg.fit.minibatch_size,
         device=cfg.fit.device,
         cis_feature=cfg.modalities[name].cis_feature,
-        log=get_run_logger(),
+        fingerprint=prints.sample[name],
     )
+    progress = Progress(artifact_key("sample-progress", name), f"{name}: posterior", unit="batch")
+    summary = sample_modality(root, name, request, get_run_logger(), on_batch=progress.update)
+    progress.finish()
+    _stamp(root, key, prints.sample[name])
+    if request.cis_feature is not None:
+        _stamp(root, CIS_KEY, prints.sample[name])
+    return summary
 
 
 @task(name="finalize")
@@ -157,6 +218,7 @@ def finalize(cfg: RunConfig, started: float, summaries: dict[str, Any]) -> str:
         }
     )
     root.attrs[COMPLETE] = True
+    publish_reports(root, cfg.store, [n for n in cfg.modalities if n in summaries])
     get_run_logger().info("Store complete: %s", cfg.store)
     return str(cfg.store)
 

@@ -111,7 +111,8 @@ def data_binomial(rng: np.random.Generator, groups: np.ndarray, n_groups: int) -
 
 
 def _continuous(rng: np.random.Generator, groups: np.ndarray, n_groups: int) -> FitArrays:
-    y = rng.normal(rng.normal(0, 2, N_FEATURES), rng.uniform(0.5, 2, N_FEATURES), (N_CELLS, N_FEATURES))
+    loc, scale = rng.normal(0, 2, N_FEATURES), rng.uniform(0.5, 2, N_FEATURES)
+    y = rng.normal(loc, scale, (N_CELLS, N_FEATURES))
     y[:, 1] = rng.standard_t(2.0, N_CELLS) * 3.0  # heavy tails
     y[rng.random(y.shape) < 0.15] = np.nan  # missing
     y[5, :3] = np.inf  # Inf is missing too
@@ -157,7 +158,10 @@ def raw_values(name: str, data: FitArrays, rng: np.random.Generator) -> dict[str
             "log2_alpha_y": rng.normal(0, 1, (c1, t)).clip(-2.5, 2.5),
         }
     elif name == "binomial":
-        values = {"mu_ntc": rng.uniform(0.05, 0.95, t), "alpha_logit_y": rng.normal(0, 1.5, (c1, t))}
+        values = {
+            "mu_ntc": rng.uniform(0.05, 0.95, t),
+            "alpha_logit_y": rng.normal(0, 1.5, (c1, t)),
+        }
     elif name == "multinomial":
         values = {
             "probs_baseline_raw": rng.dirichlet(np.full(N_CATEGORIES, 2.0), size=t),
@@ -183,12 +187,12 @@ def model_params(name: str, data: FitArrays, rng: np.random.Generator) -> dict:
     """
     family = get_family(name)
     inputs = family.prior_inputs(data)
-    values = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in raw_values(name, data, rng).items()}
+    raw = raw_values(name, data, rng)
+    values = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in raw.items()}
     plates = Plates.make(data.n_features, data.n_groups)
     params = poutine.condition(family.sample_latents, data=values)(inputs, plates)
     return {
-        k: v.detach().clone().requires_grad_(True) if _is_float(v) else v
-        for k, v in params.items()
+        k: v.detach().clone().requires_grad_(True) if _is_float(v) else v for k, v in params.items()
     }
 
 
@@ -235,10 +239,10 @@ def evaluate(name: str, params: dict, data: FitArrays):
     ref_grads = torch.autograd.grad(ref, ref_leaves, allow_unused=True)
     return (
         fast.detach().double(),
-        dict(zip(leaves, fast_grads)),
+        dict(zip(leaves, fast_grads, strict=True)),
         terms.detach(),
         ref.detach(),
-        dict(zip(leaves, ref_grads)),
+        dict(zip(leaves, ref_grads, strict=True)),
     )
 
 
@@ -289,8 +293,11 @@ def test_fast_likelihood_does_not_depend_on_cell_order(name: str) -> None:
     order = np.random.default_rng(5).permutation(data.n_cells)
     pick = lambda x: None if x is None else x[order]  # noqa: E731
     shuffled = FitArrays(
-        y=data.y[order], groups=data.groups[order], n_groups=3,
-        sum_factor=pick(data.sum_factor), denominator=pick(data.denominator),
+        y=data.y[order],
+        groups=data.groups[order],
+        n_groups=3,
+        sum_factor=pick(data.sum_factor),
+        denominator=pick(data.denominator),
     )
     family = get_family(name)
     first = baselines.fast_log_likelihood(family, params, data).item()

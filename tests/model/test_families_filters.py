@@ -69,8 +69,15 @@ def binomial_planted(n_groups: int) -> tuple[FitArrays, dict[str, int]]:
     y = rng.binomial(n.astype(np.int64), 0.4).astype(np.float64)
     n[:5, 0] = 0.0  # an ordinary feature with some n = 0 cells
     y[:5, 0] = 0.0
-    planted = {"no_valid": 2, "constant_ratio": 3, "all_zero": 4, "group_no_valid": 5,
-               "group_psi0": 6, "group_psi1": 7, "psi1_where_valid": 8}
+    planted = {
+        "no_valid": 2,
+        "constant_ratio": 3,
+        "all_zero": 4,
+        "group_no_valid": 5,
+        "group_psi0": 6,
+        "group_psi1": 7,
+        "psi1_where_valid": 8,
+    }
     n[:, 2], y[:, 2] = 0.0, 0.0  # no cell with n > 0 (and y = 0 everywhere)
     y[:, 3] = n[:, 3] / 2.0  # ratio 0.5 in every valid cell
     n[::3, 3] = 0.0  # (invalid cells do not count)
@@ -90,8 +97,15 @@ def binomial_planted(n_groups: int) -> tuple[FitArrays, dict[str, int]]:
 def test_binomial_flags(n_groups: int) -> None:
     data, p = binomial_planted(n_groups)
     flags = get_family("binomial").flags(data)
-    zero_std = [p["no_valid"], p["constant_ratio"], p["all_zero"], p["group_no_valid"],
-                p["group_psi0"], p["group_psi1"], p["psi1_where_valid"]]
+    zero_std = [
+        p["no_valid"],
+        p["constant_ratio"],
+        p["all_zero"],
+        p["group_no_valid"],
+        p["group_psi0"],
+        p["group_psi1"],
+        p["psi1_where_valid"],
+    ]
     zero_count = [p["no_valid"], p["all_zero"]]
     if n_groups == 1:  # "one group" is every cell: all n = 0 / PSI 0 / PSI 1 overall
         zero_count.append(p["group_no_valid"])
@@ -146,8 +160,13 @@ def multinomial_planted(n_groups: int) -> tuple[FitArrays, dict[str, int]]:
     probs = rng.dirichlet(np.full(K, 3.0), size=t)
     y = np.stack([rng.multinomial(15, probs[f], size=N_CELLS) for f in range(t)], axis=1)
     y = y.astype(np.float64)  # [N, T, K]
-    planted = {"all_zero": 2, "constant_ratio": 3, "single": 4, "single_with_extra": 5,
-               "masked_category": 6}
+    planted = {
+        "all_zero": 2,
+        "constant_ratio": 3,
+        "single": 4,
+        "single_with_extra": 5,
+        "masked_category": 6,
+    }
     y[:, 2] = 0.0
     y[:, 3] = np.array([2.0, 1.0, 1.0, 0.0]) * rng.integers(1, 5, N_CELLS)[:, None]
     y[:, 4] = 0.0

@@ -20,7 +20,7 @@ from tasks.fitting import INPUT_ORDER, fit_modality, load_fitted
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
 from tasks.prepare import filter_features
-from tasks.sampling import feature_layout, sample_modality
+from tasks.sampling import SampleRequest, feature_layout, sample_modality
 from tasks.store import CIS_KEY, COMPLETE, open_root, read_strings, results_key
 from tasks.summary import summarize
 
@@ -99,23 +99,19 @@ def _tiny_budget(monkeypatch: pytest.MonkeyPatch, root: zarr.Group) -> None:
 def _spy_batches(monkeypatch: pytest.MonkeyPatch, root: zarr.Group) -> list[tuple]:
     """Record each batch, and the results' shape/chunks as they stand before the first."""
     seen: list[tuple] = []
-    real = sampling.posterior_batches
+    real = sampling.draw_range
 
-    def spy(fitted, plan, *, seed):
-        for start, stop, batch in real(fitted, plan, seed=seed):
-            alpha = zarr.open_array(str(Path(root.store.root) / results_key("gene") / "alpha_y"))
-            seen.append((start, stop, alpha.shape, alpha.chunks))
-            yield start, stop, batch
+    def spy(fitted, start, stop, *, seed, parallel):
+        alpha = zarr.open_array(str(Path(root.store.root) / results_key("gene") / "alpha_y"))
+        seen.append((start, stop, alpha.shape, alpha.chunks))
+        return real(fitted, start, stop, seed=seed, parallel=parallel)
 
-    monkeypatch.setattr(sampling, "posterior_batches", spy)
+    monkeypatch.setattr(sampling, "draw_range", spy)
     return seen
 
 
 def _sample(root: zarr.Group, cis: str | None) -> dict:
-    return sample_modality(
-        root, "gene", nsamples=NSAMPLES, seed=0, minibatch_size=None, device="cpu",
-        cis_feature=cis,
-    )
+    return sample_modality(root, "gene", SampleRequest(nsamples=NSAMPLES, cis_feature=cis))
 
 
 def _results(root: zarr.Group) -> dict[str, np.ndarray]:
@@ -287,9 +283,7 @@ def test_result_shapes_for_every_distribution(
     tmp_path: Path, distribution: str, n_groups: int
 ) -> None:
     root, dims = _npy_store(tmp_path, distribution, n_groups)
-    summary = sample_modality(
-        root, "m", nsamples=dims["S"], seed=1, minibatch_size=5, device="cpu", cis_feature=None
-    )
+    summary = sample_modality(root, "m", SampleRequest(nsamples=dims["S"], seed=1, minibatch_size=5))
     assert summary["batch_size"] == 5  # batches 5, 5, 5, 2
     group = root[results_key("m")]
     assert group.attrs[COMPLETE] is True and group.attrs["distribution"] == distribution

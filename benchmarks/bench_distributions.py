@@ -1,0 +1,728 @@
+"""Benchmark of the technical fit for every distribution family on simulated NTC screens.
+
+For each distribution (negbinom, binomial, multinomial with K categories, normal,
+studentt) on a simulated screen (default: 4,000 NTC cells x 3,000 features, 3 technical
+groups), it reports
+
+(a) ms per SVI step of OUR fit, through the real `bayesdream_model.fit.fit_technical`
+    (the guide the pipeline picks, its ELBO, Adam + one-cycle + clipping), timed with a
+    progress callback: median over `--steps` steps after `--warmup` untimed ones. Next to
+    it, the same fit with a DENSE per-cell likelihood: the family's `observe` replaced by
+    `pyro.factor("y", dense_log_likelihood_<name>(params, data).sum())` from
+    `benchmarks/baselines.py`, and its `tensors` by `FitTensors.from_arrays` (the raw
+    cells x features data), so that priors, guide, initial values, ELBO and optimiser are
+    identical and only the likelihood differs. Ratio = dense / ours.
+(b) a DEFAULT run end to end through the real Prefect flow
+    `flows.technical_fit.technical_fit(config)` in a fresh subprocess, on inputs written
+    to disk (cells.csv; counts as .npz/.npy with features.txt + cells.txt; binomial
+    denominator .npy; multinomial .npy [T, N, K]; normal/studentt .npy with ~10 % NaN),
+    with the config's `fit:` section at its defaults except `nsamples` (niters null = the
+    distribution's default cap, default convergence criterion): wall time of the flow call
+    (ingest -> complete store) and of each stage, the store's fit_seconds /
+    sampling_seconds / niters_run / stop_reason (attrs of `technical/<m>`), peak RSS of
+    the subprocess (psutil sampler + ru_maxrss), and recovery of the posterior-mean
+    effects `alpha_y_add[:, 1:]` vs the simulated truth (correlation, RMSE, coverage of
+    90 % central intervals).
+(c) the machine: CPU count, torch threads, load average before and after (other
+    processes may be running: compare numbers only under similar load).
+
+Every measured piece runs in a fresh subprocess of this script (hidden `--worker` mode)
+with a temporary PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED=false and a wall-clock
+limit (`--timeout`, default 20 min); a run over its limit is killed (its whole process
+group) and reported as a timeout.
+
+Run:  .venv/bin/python benchmarks/bench_distributions.py [--distributions negbinom,normal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (str(REPO), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+# Shared helpers of the negbinom benchmark (machine description, RSS sampler, stage timer).
+from bench_negbinom import (  # noqa: E402
+    FLOW_STAGES,
+    RssSampler,
+    _timed_task,
+    load_average,
+    machine_description,
+    ru_maxrss_mb,
+)
+
+DISTRIBUTIONS = ("negbinom", "binomial", "multinomial", "normal", "studentt")
+DEFAULT_OUT = HERE / "results" / "distributions.json"
+MIB = 1024**2
+
+#: Targets from the issue: default-run wall (s), per-step speed-up over the dense baseline.
+TARGETS = {
+    "negbinom": {"wall_s": 600, "speedup": 5},
+    "binomial": {"wall_s": 120, "speedup": 100},
+    "multinomial": {"wall_s": 120, "speedup": 100},
+    "normal": {"wall_s": 120, "speedup": 100},
+    "studentt": {"wall_s": 900, "speedup": 5},
+}
+TARGET_CORR = 0.99
+TARGET_COVERAGE = (0.85, 0.95)
+
+
+# ---------------------------------------------------------------------------------------
+# Simulation and inputs on disk (parent)
+# ---------------------------------------------------------------------------------------
+def group_labels(n_groups: int) -> np.ndarray:
+    """Labels whose sorted order is the code order (code g -> labels[g])."""
+    return np.asarray([f"LINE{g:03d}" for g in range(n_groups)])
+
+
+def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Draw one screen with `bayesdream_model.simulate`; arrays are features x cells (x K)."""
+    from bayesdream_model import simulate as sim
+
+    size = {"n_cells": args.cells, "n_features": args.features, "n_groups": args.groups}
+    if name == "negbinom":
+        s = sim.simulate_negbinom_screen(**size, effect_sd=args.effect_sd, seed=args.seed)
+        return {
+            "y": s.counts, "groups": s.groups, "sum_factor": s.sum_factor,
+            "effects": s.log2_alpha, "denominator": None,
+        }
+    if name == "binomial":
+        s = sim.simulate_binomial(**size, effect_sd=args.effect_sd, seed=args.seed)
+    elif name == "multinomial":
+        s = sim.simulate_multinomial(**size, n_categories=args.categories, seed=args.seed)
+    elif name == "normal":
+        s = sim.simulate_continuous(**size, missing=args.missing, seed=args.seed)
+    elif name == "studentt":
+        s = sim.simulate_continuous(
+            **size, student_df=args.student_df, missing=args.missing, seed=args.seed
+        )
+    else:
+        raise ValueError(name)
+    rng = np.random.default_rng(args.seed + 17)
+    return {
+        "y": s.y, "groups": s.groups, "sum_factor": rng.lognormal(0.0, 0.3, size=args.cells),
+        "effects": s.effects, "denominator": s.denominator,
+    }
+
+
+def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Simulate; write the flow's inputs, the step workers' dense fit data and the truth."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    t0 = time.perf_counter()
+    screen = simulate(name, args)
+    t_sim = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    inputs = folder / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    y, groups = screen["y"], screen["groups"]
+    n_features, n_cells = y.shape[:2]
+    cells = np.asarray([f"cell{n:06d}" for n in range(n_cells)])
+    features = np.asarray([f"{name[:4]}{t:05d}" for t in range(n_features)])
+    pd.DataFrame(
+        {
+            "cell": cells,
+            "target": "ntc",
+            "guide": "ntc_1",
+            "cell_line": group_labels(args.groups)[groups],
+            "sum_factor": screen["sum_factor"],
+        }
+    ).to_csv(inputs / "cells.csv", index=False)
+    (inputs / "features.txt").write_text("\n".join(features) + "\n")
+    (inputs / "cells.txt").write_text("\n".join(cells) + "\n")
+    modality: dict[str, Any] = {
+        "distribution": name,
+        "features": str(inputs / "features.txt"),
+        "cells": str(inputs / "cells.txt"),
+    }
+    if name == "negbinom":
+        counts = sp.csr_matrix(y.astype(np.int32))
+        sp.save_npz(inputs / "counts.npz", counts)
+        modality["counts"] = str(inputs / "counts.npz")
+        fmt = "counts.npz (scipy.sparse CSR, features x cells, int32)"
+    elif name in ("normal", "studentt"):
+        np.save(inputs / "values.npy", y.astype(np.float32))
+        modality["counts"] = str(inputs / "values.npy")
+        fmt = f"values.npy (float32 features x cells, {np.isnan(y).mean():.1%} NaN)"
+    else:
+        np.save(inputs / "counts.npy", y.astype(np.int32))
+        modality["counts"] = str(inputs / "counts.npy")
+        fmt = "counts.npy (int32 features x cells" + (" x K)" if y.ndim == 3 else ")")
+    if screen["denominator"] is not None:
+        np.save(inputs / "denominator.npy", screen["denominator"].astype(np.int32))
+        modality["denominator"] = str(inputs / "denominator.npy")
+        fmt += " + denominator.npy (int32)"
+    fmt += " + features.txt + cells.txt + cells.csv"
+    # What the step workers fit: all cells are NTC; cells x features (x K), float32.
+    fit = {
+        "y": np.ascontiguousarray(np.swapaxes(y, 0, 1), dtype=np.float32),
+        "groups": groups.astype(np.int64),
+        "sum_factor": screen["sum_factor"].astype(np.float32),
+    }
+    if screen["denominator"] is not None:
+        fit["denominator"] = np.ascontiguousarray(screen["denominator"].T, dtype=np.float32)
+    np.savez(folder / "fitdata.npz", **fit)
+    np.savez(folder / "truth.npz", effects=screen["effects"], feature_names=features)
+    input_bytes = sum(p.stat().st_size for p in inputs.iterdir())
+    return {
+        "modality": modality,
+        "format": fmt,
+        "shape": list(y.shape),
+        "n_groups": args.groups,
+        "inputs_mb": round(input_bytes / MIB, 1),
+        "simulate_seconds": round(t_sim, 2),
+        "write_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Worker (a): ms per SVI step, ours or dense, through fit_technical
+# ---------------------------------------------------------------------------------------
+def set_threads(requested: int | None) -> int:
+    """The pipeline's own rule (tasks.resources.set_torch_threads): `--threads`, else its
+    default (what `fit.threads: null` gives in the flow)."""
+    from tasks.resources import set_torch_threads
+
+    return set_torch_threads(requested)
+
+
+def use_dense_likelihood(family, name: str) -> str:
+    """Swap the family's likelihood for the dense per-cell baseline; returns its name."""
+    import pyro
+
+    import baselines
+    from bayesdream_model.constants import OBS_SITE
+    from bayesdream_model.data import FitTensors
+
+    fn_name = f"dense_log_likelihood_{name}"
+    dense = getattr(baselines, fn_name)
+
+    def tensors(data, device):
+        return FitTensors.from_arrays(data, device)
+
+    def observe(params, data, plates):
+        log_lik = dense(params, data)
+        pyro.factor(OBS_SITE, log_lik.sum() if log_lik.dim() else log_lik)
+
+    # instance attributes shadow the class's methods for this process only
+    family.tensors = tensors
+    family.observe = observe
+    return f"baselines.{fn_name}"
+
+
+def worker_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Time `--warmup + --steps` SVI steps of `--impl` (ours / dense) for `--dist`."""
+    import torch
+
+    from bayesdream_model.data import FitArrays
+    from bayesdream_model.distributions import get_family
+    from bayesdream_model.fit import FitOptions, fit_technical
+
+    folder = Path(args.workdir)
+    with np.load(folder / "fitdata.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    family = get_family(args.dist)
+    data = FitArrays(
+        y=arrays["y"], groups=arrays["groups"], n_groups=args.groups,
+        sum_factor=arrays["sum_factor"], denominator=arrays.get("denominator"),
+    )
+    keep = family.flags(data).technical_correction_applied
+    data = data.select_features(keep)
+    threads = set_threads(args.threads)
+    likelihood = "family.observe (ours)"
+    if args.impl == "dense":
+        likelihood = use_dense_likelihood(family, args.dist)
+    n_steps = args.warmup + args.steps
+    stamps: list[float] = []
+    options = FitOptions(niters=n_steps, seed=args.seed, device="cpu")
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        fitted = fit_technical(
+            family, data, options, on_progress=lambda *_: stamps.append(time.perf_counter())
+        )
+        t1 = time.perf_counter()
+    timed = np.diff(np.asarray(stamps[args.warmup - 1 :] if args.warmup else [t0, *stamps]))
+    timed_ms = timed * 1000.0
+    return {
+        "impl": args.impl,
+        "likelihood": likelihood,
+        "guide": fitted.guide_kind,
+        "n_cells": data.n_cells,
+        "n_features_fit": data.n_features,
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "steps_run": len(stamps),
+        "steps_timed": int(timed_ms.size),
+        "ms_per_step_median": round(float(np.median(timed_ms)), 2) if timed_ms.size else None,
+        "ms_per_step_mean": round(float(timed_ms.mean()), 2) if timed_ms.size else None,
+        "ms_per_step_min": round(float(timed_ms.min()), 2) if timed_ms.size else None,
+        "ms_per_step_max": round(float(timed_ms.max()), 2) if timed_ms.size else None,
+        "setup_and_first_step_seconds": round(stamps[0] - t0, 2) if stamps else None,
+        "total_seconds": round(t1 - t0, 2),
+        "final_loss": float(fitted.svi.losses[-1]),
+        "rss_peak_mb": rss.peak(t0, t1),
+        "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
+        "load_average_at_end": load_average(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Worker (b): the real Prefect flow, default fit settings
+# ---------------------------------------------------------------------------------------
+def flow_config(args: argparse.Namespace, folder: Path, modality: dict) -> dict[str, Any]:
+    """The run config: fit section at defaults except nsamples (and --niters if given)."""
+    fit: dict[str, Any] = {"nsamples": args.nsamples}
+    if args.niters is not None:
+        fit["niters"] = args.niters
+    if args.threads is not None:
+        fit["threads"] = args.threads
+    return {
+        "store": str(folder / "run.zarr"),
+        "cells": str(folder / "inputs" / "cells.csv"),
+        "covariates": ["cell_line"],
+        "sum_factor_col": "sum_factor",
+        "modalities": {args.dist: modality},
+        "fit": fit,
+    }
+
+
+def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `technical_fit` on the inputs; per-stage wall time, RSS and the store's attrs."""
+    import torch
+    import zarr
+
+    import flows.technical_fit as ft
+
+    folder = Path(args.workdir)
+    modality = json.loads((folder / "modality.json").read_text())
+    records: list[dict[str, Any]] = []
+    for stage in FLOW_STAGES:  # the flow looks these up in its module at call time
+        setattr(ft, stage, _timed_task(getattr(ft, stage), stage, records))
+    config = flow_config(args, folder, modality)
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        store = ft.technical_fit(config)
+        t1 = time.perf_counter()
+    stages = {}
+    if records:
+        stages["flow_startup"] = {"seconds": round(records[0]["start"] - t0, 2)}
+    for rec in records:
+        stages[rec["stage"]] = {
+            "seconds": round(rec["stop"] - rec["start"], 2),
+            "rss_peak_mb": rss.peak(rec["start"], rec["stop"]),
+        }
+    attrs = dict(zarr.open_group(store, mode="r")[f"technical/{args.dist}"].attrs)
+    return {
+        "store": store,
+        "config_fit": config["fit"],
+        "flow_call_seconds": round(t1 - t0, 2),
+        "stages": stages,
+        "fit_seconds": round(float(attrs["fit_seconds"]), 2),
+        "sampling_seconds": round(float(attrs["sampling_seconds"]), 2),
+        "niters_run": int(attrs["niters_run"]),
+        "stop_reason": attrs["stop_reason"],
+        "guide": attrs["guide"],
+        "device": attrs["device"],
+        "sampling_batch_size": int(attrs["sampling_batch_size"]),
+        "torch_threads_after_flow": torch.get_num_threads(),
+        "rss_peak_mb": rss.peak(t0, t1),
+        "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
+        "load_average_at_end": load_average(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Recovery vs the simulated truth (parent, from the store)
+# ---------------------------------------------------------------------------------------
+def recovery(store: str, name: str, folder: Path) -> dict[str, Any]:
+    """Posterior-mean alpha_y_add[:, 1:] vs truth on fit features (unmasked categories)."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r")
+    group = root[f"technical/{name}"]
+    fit = np.asarray(group["technical_correction_applied"][...], dtype=bool)
+    names = np.asarray(group["feature_names"][...], dtype=object).astype(str)
+    with np.load(folder / "truth.npz") as f:
+        truth_all, truth_names = f["effects"], f["feature_names"].astype(str)
+    order = {n: i for i, n in enumerate(truth_names)}
+    idx = np.asarray([order[n] for n in names])[fit]
+    draws = np.asarray(group["alpha_y_add"][...])[:, 1:]  # [S, C-1, T(, K)]
+    draws = draws[:, :, fit]
+    truth = truth_all[1:][:, idx]
+    keep = np.ones(truth.shape, dtype=bool)
+    fit_inputs = root[f"fit/{name}/inputs"]
+    if "mask" in fit_inputs:  # multinomial: categories masked out of the fit are fixed at 0
+        keep &= ~np.asarray(fit_inputs["mask"][...], dtype=bool)[None]
+    mean = draws.mean(axis=0, dtype=np.float64)
+    lo, hi = np.quantile(draws, [0.05, 0.95], axis=0)
+    m, t, lo, hi = mean[keep], truth[keep], lo[keep], hi[keep]
+    return {
+        "n_effects": int(t.size),
+        "n_features_fit": int(fit.sum()),
+        "n_features_excluded": int((~fit).sum()),
+        "n_samples": int(draws.shape[0]),
+        "corr": round(float(np.corrcoef(m, t)[0, 1]), 4),
+        "rmse": round(float(np.sqrt(np.mean((m - t) ** 2))), 4),
+        "coverage90": round(float(np.mean((lo <= t) & (t <= hi))), 4),
+        "mean_width90": round(float(np.mean(hi - lo)), 4),
+        "truth_sd": round(float(t.std()), 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Parent: subprocesses with a limit, the table, the JSON
+# ---------------------------------------------------------------------------------------
+def run_worker(
+    args: argparse.Namespace, folder: Path, dist: str, mode: str, extra: list[str], tag: str
+) -> dict[str, Any]:
+    """`_run_worker`, tried once more after a failure (not after a timeout).
+
+    On a shared machine a worker can die for reasons outside it (memory taken by other
+    processes); the first attempt's status and log tail are kept in `first_attempt`.
+    """
+    result = _run_worker(args, folder, dist, mode, extra, tag)
+    if result["status"].startswith("failed"):
+        print(f"  [{dist}] {tag}: retrying once", flush=True)
+        retry = _run_worker(args, folder, dist, mode, extra, f"{tag}_retry")
+        retry["first_attempt"] = {k: result[k] for k in ("status", "log_tail") if k in result}
+        return retry
+    return result
+
+
+def _run_worker(
+    args: argparse.Namespace, folder: Path, dist: str, mode: str, extra: list[str], tag: str
+) -> dict[str, Any]:
+    """This script in `--worker mode`, fresh process, own session; killed at --timeout."""
+    result = folder / f"result_{tag}.json"
+    log = folder / f"log_{tag}.txt"
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--dist", dist,
+        "--workdir", str(folder), "--worker-out", str(result),
+        "--groups", str(args.groups), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--nsamples", str(args.nsamples), "--seed", str(args.seed), *extra,
+    ]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    if args.niters is not None:
+        cmd += ["--niters", str(args.niters)]
+    prefect_home = folder / f"prefect_home_{tag}"
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        {
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    load_before = load_average()
+    print(f"  [{dist}] {tag}: running (limit {args.timeout:.0f} s, log {log})", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            start_new_session=True,  # its own process group: a timeout ends all of it
+        )
+        try:
+            rc = proc.wait(timeout=args.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+    wall = round(time.perf_counter() - t0, 2)
+    base = {"process_wall_seconds": wall, "load_average_before": load_before}
+    if timed_out:
+        print(f"  [{dist}] {tag}: TIMEOUT after {wall} s", flush=True)
+        return {**base, "status": "timeout", **progress_from_log(log)}
+    if rc != 0 or not result.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        print(f"  [{dist}] {tag}: FAILED (rc {rc}):\n{tail}", flush=True)
+        return {**base, "status": f"failed (rc {rc})", "log_tail": tail}
+    data = json.loads(result.read_text())
+    print(f"  [{dist}] {tag}: done in {wall} s", flush=True)
+    return {**base, "status": "ok", **data}
+
+
+PROGRESS = re.compile(r"SVI step (\d+)/(\d+) \(\d+%\), loss ([-+.\deE]+), ([\d.]+) steps/s")
+
+
+def progress_from_log(log: Path) -> dict[str, Any]:
+    """How far a killed fit got: the last progress line the pipeline logged."""
+    hits = PROGRESS.findall(log.read_text(errors="replace")) if log.exists() else []
+    if not hits:
+        return {}
+    step, niters, loss, rate = hits[-1]
+    return {
+        "last_logged_step": int(step),
+        "niters_cap": int(niters),
+        "last_logged_loss": float(loss),
+        "steps_per_second": float(rate),
+    }
+
+
+def check_targets(name: str, row: dict[str, Any]) -> list[str]:
+    """The issue's targets that this distribution missed (or could not be checked)."""
+    target, missed = TARGETS[name], []
+    ratio = row.get("speedup")
+    if ratio is not None and ratio < target["speedup"]:
+        missed.append(f"speedup {ratio:.1f}x < {target['speedup']}x")
+    flow = row.get("flow") or {}
+    if flow.get("status") == "timeout":
+        missed.append(f"default run timed out (> {flow['process_wall_seconds']:.0f} s)")
+    elif flow.get("status") == "ok" and flow["flow_call_seconds"] > target["wall_s"]:
+        missed.append(f"wall {flow['flow_call_seconds']:.0f} s > {target['wall_s']} s")
+    rec = row.get("recovery") or {}
+    if rec.get("corr") is not None and rec["corr"] < TARGET_CORR:
+        missed.append(f"corr {rec['corr']:.4f} < {TARGET_CORR}")
+    cov = rec.get("coverage90")
+    if cov is not None and not TARGET_COVERAGE[0] <= cov <= TARGET_COVERAGE[1]:
+        missed.append(f"cover90 {cov:.3f} outside {TARGET_COVERAGE[0]}-{TARGET_COVERAGE[1]}")
+    return missed
+
+
+def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Inputs, step timings (ours, dense), the default flow and recovery for one family."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"distribution": name, "load_average_before": load_average()}
+    data = write_inputs(name, args, folder)
+    (folder / "modality.json").write_text(json.dumps(data["modality"]))
+    row["data"] = data
+    print(
+        f"  [{name}] inputs {data['shape']} written ({data['inputs_mb']} MB; simulate "
+        f"{data['simulate_seconds']} s, write {data['write_seconds']} s)",
+        flush=True,
+    )
+    if not args.skip_steps:
+        row["steps_ours"] = run_worker(args, folder, name, "steps", ["--impl", "ours"], "ours")
+        row["steps_dense"] = run_worker(args, folder, name, "steps", ["--impl", "dense"], "dense")
+        ours = row["steps_ours"].get("ms_per_step_median")
+        dense = row["steps_dense"].get("ms_per_step_median")
+        row["speedup"] = round(dense / ours, 2) if ours and dense else None
+    if not args.skip_flow:
+        row["flow"] = run_worker(args, folder, name, "flow", [], "flow")
+        if row["flow"].get("status") == "ok":
+            try:
+                row["recovery"] = recovery(row["flow"]["store"], name, folder)
+            except Exception as err:  # noqa: BLE001 - report it, keep benchmarking
+                print(f"  [{name}] recovery FAILED: {err!r}", flush=True)
+                row["recovery"] = {"error": repr(err)}
+    row["load_average_after"] = load_average()
+    row["targets_missed"] = check_targets(name, row)
+    return row
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    """A table cell; '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def short_stop(reason: str | None) -> str:
+    """'converged@1250' / 'cap' / '-' from the store's stop reason."""
+    if not reason:
+        return "-"
+    if reason.startswith("converged"):
+        return "plateau"
+    if reason.startswith("reached niters"):
+        return "cap"
+    return reason.split(":")[0][:12]
+
+
+def steps_cell(r: dict | None) -> str:
+    """ms per step, or the worker's status."""
+    if not r:
+        return "-"
+    if r.get("status") != "ok":
+        return r.get("status", "-").split(" ")[0]
+    return fmt(r["ms_per_step_median"])
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Machine block, the main table, target misses and stop reasons."""
+    m = report["machine"]
+    print("\n== machine " + "=" * 70)
+    print(f"  cpu: {m['cpu_model']}, {m['cpu_count']} cpus (affinity {m['cpu_affinity']}), "
+          f"RAM {m['ram_total_gb']} GB; torch {m['torch_version']}, pyro {m['pyro_version']}, "
+          f"torch default threads {m['torch_default_threads']}, cuda {m['cuda_available']}")
+    print(f"  load average before {m['load_average_at_start']}  after "
+          f"{report.get('load_average_at_end')}   git {str(m['git_commit'])[:10]}")
+    a = report["args"]
+    print(f"  screen: {a['cells']} NTC cells x {a['features']} features, {a['groups']} groups "
+          f"(multinomial K={a['categories']}); steps: median of {a['steps']} after "
+          f"{a['warmup']} warm-up; flow: fit defaults, nsamples={a['nsamples']}"
+          + (f", niters={a['niters']}" if a["niters"] is not None else ", niters=null"))
+    head = (
+        f"  {'dist':<11} {'guide':<14} {'thr':>3} {'ours ms':>9} {'dense ms':>9} {'x':>7} "
+        f"{'wall s':>7} {'fit s':>7} {'steps':>6} {'stop':<8} {'samp s':>6} {'RSS MB':>7} "
+        f"{'corr':>6} {'RMSE':>6} {'cov90':>6}"
+    )
+    print("\n== per distribution " + "=" * 61)
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for row in report["rows"]:
+        so, sd = row.get("steps_ours"), row.get("steps_dense")
+        flow, rec = row.get("flow") or {}, row.get("recovery") or {}
+        ok = flow.get("status") == "ok"
+        guide = flow.get("guide") or (so or {}).get("guide") or "-"
+        threads = (so or {}).get("threads") or flow.get("torch_threads_after_flow")
+        wall = flow.get("flow_call_seconds") if ok else flow.get("status", "-")
+        rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0) if ok else None
+        print(
+            f"  {row['distribution']:<11} {guide:<14} {fmt(threads, 'd'):>3} "
+            f"{steps_cell(so):>9} {steps_cell(sd):>9} {fmt(row.get('speedup'), '.1f'):>7} "
+            f"{fmt(wall):>7} {fmt(flow.get('fit_seconds')):>7} "
+            f"{fmt(flow.get('niters_run'), 'd'):>6} {short_stop(flow.get('stop_reason')):<8} "
+            f"{fmt(flow.get('sampling_seconds')):>6} {fmt(rss, '.0f'):>7} "
+            f"{fmt(rec.get('corr'), '.4f'):>6} {fmt(rec.get('rmse'), '.3f'):>6} "
+            f"{fmt(rec.get('coverage90'), '.3f'):>6}"
+        )
+    print(
+        "  (ours/dense ms: median ms per SVI step; x = dense/ours; wall = flow call, ingest -> "
+        "complete store;\n   fit/samp s = store fit_seconds/sampling_seconds; RSS = peak of "
+        "the flow subprocess; corr/RMSE/cov90 = posterior alpha_y_add[:, 1:] vs truth)"
+    )
+    print("\n== details " + "=" * 70)
+    for row in report["rows"]:
+        name, flow = row["distribution"], row.get("flow") or {}
+        if flow.get("status") == "ok":
+            stages = ", ".join(f"{k} {v['seconds']:.1f}" for k, v in flow["stages"].items())
+            print(f"  {name}: stop: {flow['stop_reason']}")
+            print(f"  {name}: stages (s): {stages}; process wall {flow['process_wall_seconds']} s")
+        elif flow:
+            extra = ""
+            if flow.get("last_logged_step"):
+                extra = (f" (last logged SVI step {flow['last_logged_step']}/"
+                         f"{flow['niters_cap']} at {flow['steps_per_second']} steps/s)")
+            print(f"  {name}: flow {flow.get('status')} after {flow['process_wall_seconds']} s"
+                  + extra)
+        for key in ("steps_ours", "steps_dense"):
+            r = row.get(key) or {}
+            if r.get("status") == "ok":
+                print(f"  {name}: {key[6:]:<5} {r['likelihood']}: median {r['ms_per_step_median']}"
+                      f" ms (mean {r['ms_per_step_mean']}, min {r['ms_per_step_min']}, max "
+                      f"{r['ms_per_step_max']}, n={r['steps_timed']}), peak RSS "
+                      f"{r['rss_peak_mb']} MB")
+            elif r:
+                print(f"  {name}: {key[6:]:<5} {r.get('status')}")
+        print(f"  {name}: load average before {row['load_average_before']} after "
+              f"{row['load_average_after']}; targets missed: "
+              f"{'; '.join(row['targets_missed']) or 'none'}")
+    print(f"\n  total benchmark wall: {report['total_seconds']:.0f} s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--distributions", default=",".join(DISTRIBUTIONS),
+                   help=f"comma-separated subset of {','.join(DISTRIBUTIONS)} (default: all)")
+    p.add_argument("--cells", type=int, default=4000, help="NTC cells (default 4000)")
+    p.add_argument("--features", type=int, default=3000, help="features (default 3000)")
+    p.add_argument("--groups", type=int, default=3, help="technical groups C (default 3)")
+    p.add_argument("--categories", type=int, default=4, help="multinomial K (default 4)")
+    p.add_argument("--missing", type=float, default=0.1, help="NaN fraction, normal/studentt")
+    p.add_argument("--student-df", type=float, default=3.0, help="studentt noise df (3)")
+    p.add_argument("--effect-sd", type=float, default=0.5, help="sd of simulated effects")
+    p.add_argument("--steps", type=int, default=20, help="timed SVI steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed SVI steps first (default 5)")
+    p.add_argument("--nsamples", type=int, default=1000, help="posterior draws (default 1000)")
+    p.add_argument("--niters", type=int, default=None,
+                   help="fit.niters for the flow (default: null = the distribution's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the step timings and fit.threads of the flow "
+                   "(default: the pipeline's default, fit.threads null)")
+    p.add_argument("--timeout", type=float, default=1200.0,
+                   help="wall-clock limit per subprocess in seconds (default 1200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-steps", action="store_true", help="skip (a), the step timings")
+    p.add_argument("--skip-flow", action="store_true", help="skip (b), the default flow run")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output ({DEFAULT_OUT})")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep inputs, stores and worker logs here (default: a temp dir, removed)")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=["steps", "flow"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--dist", choices=DISTRIBUTIONS, help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=["ours", "dense"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.worker:
+        names = [d.strip() for d in args.distributions.split(",") if d.strip()]
+        unknown = sorted(set(names) - set(DISTRIBUTIONS))
+        if unknown:
+            p.error(f"unknown distribution(s) {unknown}; choose from {','.join(DISTRIBUTIONS)}")
+        args.distributions = names
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step includes the guide's setup)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parent: for each distribution, inputs -> workers -> recovery; table and JSON."""
+    args = parse_args(argv)
+    if args.worker:
+        result = {"steps": worker_steps, "flow": worker_flow}[args.worker](args)
+        args.worker_out.write_text(json.dumps(result, indent=2, default=str))
+        return 0
+    started = time.perf_counter()
+    own = args.workdir is None
+    root = Path(tempfile.mkdtemp(prefix="bench_distributions_")) if own else args.workdir
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "technical fit per distribution: SVI step vs dense baseline, default flow",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k not in ("worker", "worker_out", "dist", "impl")},
+        "machine": machine_description(),
+        "targets": {"per_distribution": TARGETS, "corr_min": TARGET_CORR,
+                    "coverage90": TARGET_COVERAGE},
+        "rows": [],
+    }
+    m = report["machine"]
+    print(f"machine: {m['cpu_count']} cpus, torch default threads {m['torch_default_threads']}, "
+          f"load average {m['load_average_at_start']}; workdir {root}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in args.distributions:
+            print(f"\n[{name}]", flush=True)
+            report["rows"].append(bench_one(name, args, root))
+            report["load_average_at_end"] = load_average()
+            report["total_seconds"] = round(time.perf_counter() - started, 1)
+            args.out.write_text(json.dumps(report, indent=2, default=str))  # partial results
+            if own:
+                shutil.rmtree(root / name, ignore_errors=True)
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+    report["load_average_at_end"] = load_average()
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    print_report(report)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"  JSON written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
