@@ -93,10 +93,14 @@ def plan_sampling(
     shape: tuple[int, int, int],
     budget: MemoryBudget,
     user_batch: int | None = None,
+    max_batch: int | None = MAX_BATCH,
 ) -> SamplingPlan:
     """One vectorised draw when it fits; else batches of 10-100, parallel off.
 
-    `shape` is (N cells, T features, C groups). A user-given batch size wins.
+    `shape` is (N cells, T features, C groups). A user-given batch size wins. Even when
+    the whole draw fits, batches hold at most `max_batch` draws (None: no cap), so that
+    sampling memory does not grow with nsamples (drawing in batches changes nothing else:
+    the results are written batch by batch into preallocated arrays either way).
     """
     n_cells, n_features, n_groups = shape
     per_sample = bytes_per_sample(n_cells, n_features, n_groups)
@@ -107,7 +111,10 @@ def plan_sampling(
     at_once = int((budget.safe_bytes - input_bytes) // per_sample)
     if at_once >= nsamples:
         reason = f"all {nsamples} draws fit in {budget.safe_bytes / 1e9:.2f} GB ({budget.source})"
-        return SamplingPlan(nsamples, nsamples, True, per_sample, reason)
+        batch = nsamples if max_batch is None else min(nsamples, max_batch)
+        if batch < nsamples:
+            reason += f"; drawn {batch} at a time so memory does not grow with nsamples"
+        return SamplingPlan(nsamples, batch, True, per_sample, reason)
     batch = max(MIN_BATCH, min(MAX_BATCH, at_once)) if at_once >= MIN_BATCH else max(1, at_once)
     reason = (
         f"{at_once} draws fit in {budget.safe_bytes / 1e9:.2f} GB ({budget.source}): "

@@ -130,7 +130,7 @@ def posterior_mean_effects(group: zarr.Group) -> np.ndarray:
 
 
 def loss_png(loss: np.ndarray) -> bytes:
-    """The loss per SVI step and its running mean; log scale when every loss is positive."""
+    """The loss per SVI step and its running mean (log scale when it spans decades)."""
     from matplotlib.figure import Figure
 
     loss = np.asarray(loss, dtype=np.float64)
@@ -143,8 +143,8 @@ def loss_png(loss: np.ndarray) -> bytes:
         running = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], running, lw=1.5, label=f"mean of {window} steps")
     finite = loss[np.isfinite(loss)]
-    if finite.size and (finite > 0).all():
-        ax.set_yscale("log")
+    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+        ax.set_yscale("log")  # only where the loss fell by more than a factor of ten
     ax.set(xlabel="SVI step", ylabel="loss (negative ELBO)")
     ax.legend(loc="upper right")
     return _png(fig)
@@ -157,7 +157,8 @@ def effects_png(means: np.ndarray, labels: np.ndarray, scale: str) -> bytes:
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     finite = means[np.isfinite(means)]
-    bins = np.histogram_bin_edges(finite, bins=40) if finite.size else 10
+    n_bins = min(40, max(5, int(np.sqrt(finite.size / max(len(labels), 1)))))
+    bins = np.histogram_bin_edges(finite, bins=n_bins) if finite.size else n_bins
     fixed = []
     for label, values in zip(labels, means, strict=True):
         values = values[np.isfinite(values)]
@@ -167,7 +168,7 @@ def effects_png(means: np.ndarray, labels: np.ndarray, scale: str) -> bytes:
         ax.hist(values, bins=bins, histtype="step", lw=1.5, label=str(label))
     ax.set(xlabel=f"posterior mean {EFFECT} ({scale})", ylabel="features")
     if fixed:
-        ax.set_title("fixed: " + ", ".join(fixed), fontsize="small")
+        ax.set_title("fixed (baseline): " + ", ".join(fixed), fontsize="small")
     if len(fixed) < len(labels):
         ax.legend(loc="upper right", fontsize="small")
     return _png(fig)

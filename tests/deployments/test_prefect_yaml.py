@@ -99,17 +99,25 @@ def test_cron_is_rejected_when_malformed() -> None:
 
 
 def test_pull_step_returns_to_the_project_root(spec: dict[str, Any]) -> None:
-    """The build step records the deploying cwd; the pull step's directory resolves to it."""
-    from prefect.deployments.steps.core import run_steps
+    """The build step records the deploying cwd; the pull step's directory resolves to it.
+
+    The step function is called directly: Prefect's `run_steps` would also resolve blocks
+    and variables, which needs an API (a temporary server, ~15 s).
+    """
+    from prefect.deployments.steps import run_shell_script
     from prefect.utilities.templating import apply_values
 
-    (pull,) = spec["pull"]
-    assert list(pull) == [SET_WORKING_DIRECTORY]
+    (build,) = spec["build"]
+    ((step, inputs),) = build.items()
+    assert step == "prefect.deployments.steps.run_shell_script"
+    inputs = dict(inputs)
+    step_id = inputs.pop("id")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(PROJECT_ROOT)  # where `bayesdream deploy` runs Prefect's deploy
-        outputs = asyncio.run(run_steps(spec["build"], {}, print_function=lambda *_, **__: None))
-    (resolved,) = apply_values(spec["pull"], outputs)
-    assert Path(resolved[SET_WORKING_DIRECTORY]["directory"]) == PROJECT_ROOT
+        output = asyncio.run(run_shell_script(**inputs))
+    (pull,) = apply_values(spec["pull"], {step_id: output})
+    assert list(pull) == [SET_WORKING_DIRECTORY]
+    assert Path(pull[SET_WORKING_DIRECTORY]["directory"]) == PROJECT_ROOT
     assert (PROJECT_ROOT / "flows" / "technical_fit.py").is_file()
 
 

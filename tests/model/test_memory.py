@@ -120,12 +120,22 @@ def test_bytes_per_sample(n_cells: int, n_features: int, n_groups: int) -> None:
 
 def test_whole_draw_fits_in_one_parallel_batch() -> None:
     shape = (1000, 50, 3)
-    plan = plan_sampling(nsamples=1000, shape=shape, budget=budget_for(1000, shape))
+    budget = budget_for(1000, shape)
+    plan = plan_sampling(nsamples=1000, shape=shape, budget=budget, max_batch=None)
     assert plan.batch_size == 1000 and plan.n_batches == 1 and plan.parallel
     assert plan.batches() == [(0, 1000)]
     realistic = memory_budget({}, available_ram=RAM)
-    plan = plan_sampling(nsamples=1000, shape=(200, 20, 2), budget=realistic)
+    plan = plan_sampling(nsamples=1000, shape=(200, 20, 2), budget=realistic, max_batch=None)
     assert plan.batches() == [(0, 1000)] and plan.parallel
+
+
+@pytest.mark.parametrize("nsamples", [100, 1000, 10_000])
+def test_batch_memory_does_not_grow_with_nsamples(nsamples: int) -> None:
+    """Even when the whole draw fits, at most 100 draws are held at once (still parallel)."""
+    realistic = memory_budget({}, available_ram=RAM)
+    plan = plan_sampling(nsamples=nsamples, shape=(200, 20, 2), budget=realistic)
+    assert plan.batch_size == 100 and plan.parallel
+    assert plan.batches()[-1][1] == nsamples
 
 
 @pytest.mark.parametrize(
