@@ -192,15 +192,20 @@ def _open_unnamed(path: Path, *, features: NameSource, cells: NameSource) -> Arr
         raise InputDataError(
             f"'{path}' carries no names: give `features:` and `cells:` name files."
         )
+    feature_names, feature_source = _names(features)
+    cell_ids, cell_source = _names(cells)
     if path.suffix.lower() == ".npz":
+        from tasks.ingest.npz_stream import StreamingCSRReader, is_streamable
+
+        if is_streamable(path):  # CSR: streamed block by block, never loaded whole
+            reader = StreamingCSRReader(path, feature_names=feature_names, cell_ids=cell_ids)
+            return _checked(reader, feature_source=feature_source, cell_source=cell_source)
         matrix = _load_npz(path)
     else:
         try:
             matrix = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as err:
             raise InputDataError(f"Cannot read '{path}' as a numeric .npy: {err}") from None
-    feature_names, feature_source = _names(features)
-    cell_ids, cell_source = _names(cells)
     reader = ArrayReader(matrix, path=path, feature_names=feature_names, cell_ids=cell_ids)
     return _checked(reader, feature_source=feature_source, cell_source=cell_source)
 
