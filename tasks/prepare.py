@@ -10,6 +10,7 @@ import zarr
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import FilterFlags, get_family
 from bayesdream_model.errors import NoFeaturesLeftError
+from tasks.distributed import dask_flags, on_dask_worker, store_path
 from tasks.errors import InputDataError
 from tasks.groups import GroupAssignment
 from tasks.store import (
@@ -78,12 +79,26 @@ def read_fit_arrays(
 
 
 def filter_features(
-    root: zarr.Group, name: str, groups: GroupAssignment, log: logging.Logger | None = None
+    root: zarr.Group,
+    name: str,
+    groups: GroupAssignment,
+    log: logging.Logger | None = None,
+    *,
+    use_dask: bool | None = None,
 ) -> FilterFlags:
-    """SPEC "Feature filters" on the fit cells; writes `prep/<name>/` (complete last)."""
+    """SPEC "Feature filters" on the fit cells; writes `prep/<name>/` (complete last).
+
+    `use_dask`: compute the flags with Dask over the store's chunks (`tasks.distributed`,
+    the same values); None (default) does so when this runs on a Dask worker, i.e. when the
+    flow runs with a DaskTaskRunner.
+    """
     log = log or logger
     distribution = root[inputs_key(name)].attrs["distribution"]
-    flags = get_family(distribution).flags(read_fit_arrays(root, name, groups))
+    if use_dask if use_dask is not None else on_dask_worker():
+        log.info("Modality '%s': filter statistics computed with Dask", name)
+        flags = dask_flags(store_path(root), name, groups, distribution)
+    else:
+        flags = block_flags(root, name, groups)
     excluded = flags.ntc_excluded_from_fit
     if excluded.all():
         raise NoFeaturesLeftError(
@@ -99,6 +114,27 @@ def filter_features(
             "Modality '%s': %d features excluded (%s)", name, excluded.sum(), _reasons(flags)
         )
     return flags
+
+
+def block_flags(root: zarr.Group, name: str, groups: GroupAssignment) -> FilterFlags:
+    """The family's flags, one block of features at a time (every filter is per feature),
+    so memory holds [fit cells x FEATURE_CHUNK], never the whole fit matrix."""
+    family = get_family(root[inputs_key(name)].attrs["distribution"])
+    n_features = root[inputs_key(name)]["counts"].shape[0]
+    parts = [
+        family.flags(
+            read_fit_arrays(
+                root, name, groups, features=np.arange(s, min(s + FEATURE_CHUNK, n_features))
+            )
+        )
+        for s in range(0, n_features, FEATURE_CHUNK)
+    ]
+    return FilterFlags(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("ntc_zero_count", "ntc_zero_std", "ntc_single_category")
+        )
+    )
 
 
 def _reasons(flags: FilterFlags) -> str:
