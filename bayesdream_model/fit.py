@@ -136,5 +136,7 @@ def restore_fitted(
     try:
         guide.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelError(f"Stored guide parameters do not match the {guide_kind} guide: {err}") from err
+        raise ModelError(
+            f"Stored guide parameters do not match the {guide_kind} guide: {err}"
+        ) from err
     return FittedModel(family, model, guide, guide_kind, family.n_features(tensors))

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import (
     AffineTransform,
     ComposeTransformModule,
     affine_autoregressive,
 )
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal, AutoNormalizingFlow
 from pyro.infer.autoguide.guides import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -75,7 +75,9 @@ def _spec_choice(
     """IAF for negbinom when it fits (GPU: below VRAM - 10 GB; CPU: <= 5000 latents)."""
     default = family.spec.default_niters
     if family.spec.guide == "point_baseline":
-        return GuideChoice("point_baseline", default, "point mass on " + ", ".join(family.point_sites))
+        return GuideChoice(
+            "point_baseline", default, "point mass on " + ", ".join(family.point_sites)
+        )
     if family.spec.guide != "flow_if_fits":
         return GuideChoice("mean_field", default, f"{family.spec.name} uses a mean-field guide")
     n_latent = family.n_latent(n_groups, n_features)
@@ -140,8 +142,12 @@ def build_guide(model, kind: GuideKind, init_values: dict[str, torch.Tensor]):
     if kind == "point_baseline":
         points = list(model.family.point_sites)
         guide = AutoGuideList(model)
-        guide.append(AutoDelta(poutine.block(model, expose=points), init_loc_fn=init_fn(init_values)))
-        guide.append(AutoNormal(poutine.block(model, hide=points), init_loc_fn=init_fn(init_values)))
+        guide.append(
+            AutoDelta(poutine.block(model, expose=points), init_loc_fn=init_fn(init_values))
+        )
+        guide.append(
+            AutoNormal(poutine.block(model, hide=points), init_loc_fn=init_fn(init_values))
+        )
         return guide
     return AutoNormal(model, init_loc_fn=init_fn(init_values))
 

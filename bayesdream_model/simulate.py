@@ -134,5 +134,7 @@ def simulate_multinomial(
     totals = rng.poisson(30.0, size=n_cells)
     y = np.zeros((n_features, n_cells, n_categories), dtype=np.int64)
     for n in range(n_cells):
-        y[:, n] = np.stack([rng.multinomial(totals[n], probs[groups[n], t]) for t in range(n_features)])
+        y[:, n] = np.stack(
+            [rng.multinomial(totals[n], probs[groups[n], t]) for t in range(n_features)]
+        )
     return SimulatedModality(y, groups, effects, p0)

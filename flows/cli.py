@@ -8,11 +8,13 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
-from tasks.errors import PipelineError
+from tasks.errors import ConfigError, PipelineError
 
 log = logging.getLogger("bayesdream")
 
@@ -25,11 +27,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="fit the technical model as a config says")
     run.add_argument("config", type=Path)
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a config value, e.g. fit.niters=2000")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. fit.niters=2000",
+    )
     run.add_argument("--modality", help="fit only this modality")
-    run.add_argument("--workers", type=int, default=1,
-                     help="modality chains run side by side in this many threads (default 1)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="modality chains run side by side in this many threads (default 1)",
+    )
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run the tasks on a Dask cluster: a scheduler address (tcp://host:8786), or "
+        "'local' for a LocalCluster of single-threaded worker processes on this machine. "
+        "Worker processes report to Prefect's API: set PREFECT_API_URL to a running server "
+        "(`prefect server start`) that the workers can reach, or each worker starts a "
+        "temporary server of its own; with 'local' and no PREFECT_API_URL, this process "
+        "starts one and shares it. Remote workers need this project installed and the "
+        "store and input files at the same paths.",
+    )
+    run.add_argument(
+        "--dask-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="worker processes of --dask local (default 2)",
+    )
     summary = sub.add_parser("summary", help="per feature and group effect summaries as CSV")
     summary.add_argument("store", type=Path)
     summary.add_argument("--modality", required=True)
@@ -38,9 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path("demo_run"))
     deploy = sub.add_parser("deploy", help="register a prefect.yaml's deployments with the API")
     deploy.add_argument("prefect_file", type=Path, help="e.g. deployments/prefect.yaml")
-    deploy.add_argument("--name", dest="names", action="append", default=[],
-                        metavar="[FLOW/]DEPLOYMENT",
-                        help="deploy only this one (repeatable; default: all of them)")
+    deploy.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        default=[],
+        metavar="[FLOW/]DEPLOYMENT",
+        help="deploy only this one (repeatable; default: all of them)",
+    )
     return parser
 
 
@@ -79,6 +114,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("Demo finished: %s", store)
         log.info("Next: bayesdream summary %s --modality gene --out effects.csv", store)
         return 0
+    if args.dask:
+        store = _run_on_dask(args)
+        log.info("Finished: %s", store)
+        return 0
     flow = technical_fit
     if args.workers > 1:
         from prefect.task_runners import ThreadPoolTaskRunner
@@ -88,6 +127,41 @@ def _dispatch(args: argparse.Namespace) -> int:
     store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
     return 0
+
+
+def _run_on_dask(args: argparse.Namespace) -> str:
+    """`run --dask`: the flow with a DaskTaskRunner; returns the store path."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.technical_fit import LOCAL_CLUSTER, with_dask
+
+    if args.workers > 1:
+        raise ConfigError(
+            f"--workers {args.workers} (threads) and --dask {args.dask} (a Dask cluster) both "
+            "choose where the tasks run; give one of them."
+        )
+    with ExitStack() as stack:
+        if args.dask == LOCAL_CLUSTER and not PREFECT_API_URL.value():
+            stack.enter_context(_shared_temporary_api())
+        flow = with_dask(args.dask, n_workers=args.dask_workers)
+        return flow(str(args.config), args.overrides, args.modality)
+
+
+@contextmanager
+def _shared_temporary_api() -> Iterator[None]:
+    """Prefect's temporary server, started here and passed to the local Dask workers with
+    the task context Prefect sends them: one API and database instead of one per worker."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    log.info("Prefect API for this run and its Dask workers: %s", server.api_url)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
 
 
 def deploy(prefect_file: Path, names: list[str]) -> int:

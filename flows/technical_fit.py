@@ -4,11 +4,14 @@ groups, ingest and filter every modality, then one fit -> sample chain per modal
 The chains are submitted to the flow's task runner, so they run side by side when the
 runner has room: the default runs one task at a time (torch's global RNG is shared by
 threads, so concurrent chains in one process would not be reproducible for a seed);
-`technical_fit.with_options(task_runner=...)` (or the CLI's `--workers`) widens it.
+`technical_fit.with_options(task_runner=...)` (or the CLI's `--workers`) widens it, and
+`with_dask(address)` runs the tasks on a Dask cluster (the CLI's `--dask`), one
+process per chain.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,47 @@ def technical_fit(
     for name in names:
         summaries[name] |= {"fit": fits[name].result(), "sample": draws[name].result()}
     return finalize(cfg, started, summaries)
+
+
+#: `with_dask`'s address for a cluster of worker processes on this machine
+LOCAL_CLUSTER = "local"
+
+
+def with_dask(address: str, *, n_workers: int = 2):
+    """`technical_fit` with its tasks on a Dask cluster: a scheduler `address`
+    ("tcp://host:8786"), or `LOCAL_CLUSTER` for a `distributed.LocalCluster` of `n_workers`
+    single-threaded processes started (and stopped) by the flow run.
+
+    Worker processes run Prefect tasks, so they must reach the flow's Prefect API: with
+    PREFECT_API_URL unset, each would start a temporary server of its own (slow; the task
+    runs land in separate databases). Remote workers also need this project installed and
+    the store (and input files) at the same paths. The filter statistics then run on the
+    cluster too (`tasks.distributed`).
+    """
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise ConfigError(
+            f"--dask {address} needs the prefect-dask package: pip install prefect-dask"
+        ) from err
+    from prefect.settings import PREFECT_API_URL
+
+    if address == LOCAL_CLUSTER:
+        runner = DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True},
+        )
+    else:
+        runner = DaskTaskRunner(address=address)
+    if not PREFECT_API_URL.value():
+        logging.getLogger(__name__).warning(
+            "PREFECT_API_URL is not set: every Dask worker process of %s will start its own "
+            "temporary Prefect server and keep its task runs there. Start a server "
+            "(`prefect server start --host 0.0.0.0`) and set PREFECT_API_URL to it, reachable "
+            "from the workers, e.g. export PREFECT_API_URL=http://<host>:4200/api.",
+            address,
+        )
+    return technical_fit.with_options(task_runner=runner)
 
 
 def run_demo(directory: str | Path) -> str:

@@ -59,8 +59,12 @@ def _attempt(what: str, call: Callable[[], T], log: logging.Logger) -> T | None:
     try:
         return call()
     except Exception as err:  # an artifact is a view of the run, never a reason to fail it
-        log.warning("Could not write the %s artifact (%s: %s); the run goes on.",
-                    what, type(err).__name__, err)
+        log.warning(
+            "Could not write the %s artifact (%s: %s); the run goes on.",
+            what,
+            type(err).__name__,
+            err,
+        )
         return None
 
 
@@ -88,7 +92,8 @@ class Progress:
             from prefect.artifacts import create_progress_artifact
 
             self._artifact = _attempt(
-                key, lambda: create_progress_artifact(0.0, key=key, description=description),
+                key,
+                lambda: create_progress_artifact(0.0, key=key, description=description),
                 self.log,
             )
         self._tty = sys.stderr.isatty()
@@ -136,8 +141,12 @@ class Progress:
                 self._tty = False
                 return
             self._bar = tqdm(
-                total=self._total, desc=self.description, unit=self.unit, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5,
+                total=self._total,
+                desc=self.description,
+                unit=self.unit,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
             )
         self._bar.total = self._total
         self._bar.update(self._done - self._bar.n)
@@ -158,8 +167,11 @@ def publish_exclusions(root: zarr.Group, name: str, log: logging.Logger | None =
     description = (
         f"Modality '{name}': {len(table['feature'])} of {counts['total']} features excluded "
         f"from the fit ({reasons})"
-        + (f"; the first {MAX_TABLE_ROWS} shown." if len(table["feature"]) > MAX_TABLE_ROWS
-           else ".")
+        + (
+            f"; the first {MAX_TABLE_ROWS} shown."
+            if len(table["feature"]) > MAX_TABLE_ROWS
+            else "."
+        )
     )
     key = artifact_key("excluded-features", name)
     _attempt(key, lambda: create_table_artifact(shown, key=key, description=description), log)

@@ -73,8 +73,9 @@ def dask_flags(
     this runs on (inside a worker), else on the current `distributed` client, else on
     Dask's local threads.
     """
-    stacked = _compute(flag_blocks(store_path, name, groups, family_name,
-                                   block_features=block_features))
+    stacked = _compute(
+        flag_blocks(store_path, name, groups, family_name, block_features=block_features)
+    )
     return FilterFlags(**{flag: stacked[:, i] for i, flag in enumerate(FLAG_NAMES)})
 
 
@@ -98,8 +99,7 @@ def flag_blocks(
     arrays = ["counts", "denominator"] if family.spec.needs_denominator else ["counts"]
     # [T, N(, K)] -> the fit cells' columns [T, N_fit(, K)]
     columns = [
-        da.from_zarr(path, component=f"{inputs_key(name)}/{array}")[:, cells]
-        for array in arrays
+        da.from_zarr(path, component=f"{inputs_key(name)}/{array}")[:, cells] for array in arrays
     ]
     rows = _block_rows(columns[0], len(arrays), block_features)
     # each block: `rows` features x ALL fit cells (x K), so a block's flags are final

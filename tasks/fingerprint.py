@@ -72,7 +72,9 @@ def fingerprints(cfg: RunConfig) -> Fingerprints:
     code = code_version()
     cells = _hash("cells", content_digest(cfg.cells), cfg.covariates, cfg.sum_factor_col, code)
     groups = _hash("groups", cells, cfg.use_all_cells, cfg.groups_without_ntc)
-    fit_options = cfg.fit.model_dump(exclude={"nsamples", "minibatch_size", "threads", "checkpoint_seconds"})
+    fit_options = cfg.fit.model_dump(
+        exclude={"nsamples", "minibatch_size", "threads", "checkpoint_seconds"}
+    )
     ingest, filters, fits, samples = {}, {}, {}, {}
     for name, mod in cfg.modalities.items():
         files = [content_digest(p) for p in (mod.counts, mod.denominator, mod.features, mod.cells)]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import replace
-
-import io
 
 import numpy as np
 import torch
@@ -45,7 +44,12 @@ class ProgressLogger:
             rate = (step + 1) / max(time.perf_counter() - self.start, 1e-9)
             self.log.info(
                 "%s: SVI step %d/%d (%.0f%%), loss %.4e, %.1f steps/s",
-                self.name, step + 1, niters, 100 * (step + 1) / niters, loss, rate,
+                self.name,
+                step + 1,
+                niters,
+                100 * (step + 1) / niters,
+                loss,
+                rate,
             )
 
 
@@ -70,11 +74,23 @@ def fit_modality(
     threads = set_torch_threads(fit.threads)
     log.info(
         "Modality '%s': fitting %s on %d cells x %d features, %d groups, device %s (%d threads)",
-        name, family.spec.name, data.n_cells, data.n_features, data.n_groups, device, threads,
+        name,
+        family.spec.name,
+        data.n_cells,
+        data.n_features,
+        data.n_groups,
+        device,
+        threads,
     )
     options = FitOptions(
-        niters=fit.niters, lr=fit.lr, tolerance=fit.tolerance, seed=fit.seed, device=device,
-        vram_bytes=total_vram(device), guide=fit.guide, convergence=fit.convergence,
+        niters=fit.niters,
+        lr=fit.lr,
+        tolerance=fit.tolerance,
+        seed=fit.seed,
+        device=device,
+        vram_bytes=total_vram(device),
+        guide=fit.guide,
+        convergence=fit.convergence,
     )
     group, state = _fit_group(root, name, fingerprint)
     if state is not None:
@@ -91,7 +107,9 @@ def fit_modality(
     return {"niters_run": fitted.svi.niters_run, "stop_reason": fitted.svi.stop_reason}
 
 
-def _fit_group(root: zarr.Group, name: str, fingerprint: str | None) -> tuple[zarr.Group, dict | None]:
+def _fit_group(
+    root: zarr.Group, name: str, fingerprint: str | None
+) -> tuple[zarr.Group, dict | None]:
     """The group of a killed fit of the same inputs (with its checkpoint), else a fresh one."""
     key = fit_key(name)
     if key in root and fingerprint is not None and CHECKPOINT in root[key]:
@@ -107,8 +125,9 @@ def _save_checkpoint(group: zarr.Group, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-    group.create_array(CHECKPOINT, shape=data.shape, chunks=data.shape, dtype="uint8",
-                       overwrite=True)[...] = data
+    group.create_array(
+        CHECKPOINT, shape=data.shape, chunks=data.shape, dtype="uint8", overwrite=True
+    )[...] = data
 
 
 def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, device: str) -> None:

@@ -9,8 +9,17 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("bayesdream-pipeline", "torch", "pyro-ppl", "prefect", "zarr", "numpy", "pandas",
-            "scipy", "dask")
+PACKAGES = (
+    "bayesdream-pipeline",
+    "torch",
+    "pyro-ppl",
+    "prefect",
+    "zarr",
+    "numpy",
+    "pandas",
+    "scipy",
+    "dask",
+)
 
 
 def iso(timestamp: float) -> str:
@@ -33,8 +42,12 @@ def git_commit() -> str | None:
     """The commit of the code that ran, when it runs from a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -37,8 +37,15 @@ from tasks.store import (
 
 logger = logging.getLogger(__name__)
 FEATURE_CHUNK_OUT = 4096
-CIS_NAMES = {"alpha_y": "alpha_x", "alpha_y_mult": "alpha_x_mult", "alpha_y_add": "alpha_x_add",
-             "log2_alpha_y": "log2_alpha_x", "o_y": "o_x", "phi_y": "phi_x", "mu_ntc": "mu_ntc"}
+CIS_NAMES = {
+    "alpha_y": "alpha_x",
+    "alpha_y_mult": "alpha_x_mult",
+    "alpha_y_add": "alpha_x_add",
+    "log2_alpha_y": "log2_alpha_x",
+    "o_y": "o_x",
+    "phi_y": "phi_x",
+    "mu_ntc": "mu_ntc",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,11 @@ def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[
         shape = _shape(out, *shape_args)
         chunks = (batch, *(max(1, min(s, FEATURE_CHUNK_OUT)) for s in shape[1:]))
         arrays[out.name] = group.create_array(
-            out.name, shape=shape, chunks=chunks, dtype="float32", fill_value=out.fill,
+            out.name,
+            shape=shape,
+            chunks=chunks,
+            dtype="float32",
+            fill_value=out.fill,
             overwrite=True,
         )
     return arrays
@@ -122,8 +133,10 @@ def sample_modality(
     n_cells = len(fit_cell_index(root, name, read_groups(root)))
     n_categories = family.n_categories(fitted.model.inputs)  # K for 3-D families, else None
     plan = plan_sampling(  # a 3-D family's K categories count as K features each
-        nsamples=nsamples, shape=(n_cells, fitted.n_features * (n_categories or 1), n_groups),
-        budget=sampling_budget(device), user_batch=request.minibatch_size,
+        nsamples=nsamples,
+        shape=(n_cells, fitted.n_features * (n_categories or 1), n_groups),
+        budget=sampling_budget(device),
+        user_batch=request.minibatch_size,
     )
     log.info("Modality '%s': sampling plan: %s", name, plan.reason)
     outputs = family.outputs()
@@ -138,8 +151,12 @@ def sample_modality(
         plan = replace(plan, batch_size=int(group.attrs["sampling_batch_size"]))
         arrays = {out.name: group[out.name] for out in outputs}
         cis = dict(root[CIS_KEY].arrays()) if cis_feature is not None else None
-        log.info("Modality '%s': resuming sampling, %d of %d batches already written",
-                 name, len(done), plan.n_batches)
+        log.info(
+            "Modality '%s': resuming sampling, %d of %d batches already written",
+            name,
+            len(done),
+            plan.n_batches,
+        )
     writer = _BatchWriter(outputs, arrays, cis, layout)
     for start, stop in plan.batches():
         if start in done:
@@ -153,8 +170,13 @@ def sample_modality(
     seconds = time.perf_counter() - start_time
     _write_metadata(root, group, name, layout, names, cis_feature, fit_group)
     group.attrs.update(
-        {"distribution": family.spec.name, "effect_type": family.spec.effect_type,
-         "nsamples": nsamples, "sampling_seconds": seconds, "sampling_batch_size": plan.batch_size}
+        {
+            "distribution": family.spec.name,
+            "effect_type": family.spec.effect_type,
+            "nsamples": nsamples,
+            "sampling_seconds": seconds,
+            "sampling_batch_size": plan.batch_size,
+        }
     )
     if cis is not None:
         mark_complete(root[CIS_KEY])
@@ -188,7 +210,12 @@ def _draw_halving_on_oom(fitted, span: tuple[int, int], seed: int, parallel: boo
         middle = (start + stop) // 2
         log.warning(
             "Out of memory drawing posterior samples %d-%d: retrying as %d-%d and %d-%d",
-            start, stop, start, middle, middle, stop,
+            start,
+            stop,
+            start,
+            middle,
+            middle,
+            stop,
         )
         return _draw_halving_on_oom(fitted, (start, middle), seed, parallel, log) + (
             _draw_halving_on_oom(fitted, (middle, stop), seed, parallel, log)
@@ -233,15 +260,20 @@ def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality)
     group = fresh_group(root, CIS_KEY, "bayesdream-cis", feature=cis_feature, modality=modality)
     renamed = [
         OutputSpec(CIS_NAMES[o.name], "scalar" if o.kind == "feature" else o.kind, o.fill)
-        for o in outputs if o.name in CIS_NAMES
+        for o in outputs
+        if o.name in CIS_NAMES
     ]
     arrays = {}
     for out in renamed:
         shape = _shape(out, nsamples, n_groups, 1, None)
         shape = shape if out.kind == "scalar" else shape[:-1]
         arrays[out.name] = group.create_array(
-            out.name, shape=shape, chunks=(batch, *(max(1, s) for s in shape[1:])),
-            dtype="float32", fill_value=out.fill, overwrite=True,
+            out.name,
+            shape=shape,
+            chunks=(batch, *(max(1, s) for s in shape[1:])),
+            dtype="float32",
+            fill_value=out.fill,
+            overwrite=True,
         )
     return arrays
 
@@ -256,8 +288,10 @@ def _write_metadata(root, group, name, layout, names, cis_feature, fit_group) ->
         write_array(group, flag, values[keep])
     write_array(group, "loss", fit_group["loss"][...])
     group.attrs.update(
-        {key: fit_group.attrs[key] for key in ("guide", "device", "niters_run", "fit_seconds",
-                                               "stop_reason")}
+        {
+            key: fit_group.attrs[key]
+            for key in ("guide", "device", "niters_run", "fit_seconds", "stop_reason")
+        }
     )
     if cis_feature is not None:
         cis = root[CIS_KEY]

@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 from tasks import provenance
 from tasks.artifacts import Progress, artifact_key, publish_exclusions, publish_reports
 from tasks.config import RunConfig, apply_override, config_from_dict, load_config
-from tasks.fitting import fit_modality
 from tasks.fingerprint import Fingerprints, fingerprints
+from tasks.fitting import fit_modality
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
 from tasks.ingest.matrix import ModalityPlan
@@ -25,9 +25,9 @@ from tasks.store import (
     CIS_KEY,
     COMPLETE,
     GROUPS,
-    is_complete,
     fit_key,
     inputs_key,
+    is_complete,
     open_root,
     prep_key,
     results_key,
@@ -93,14 +93,30 @@ def _stale_cis(
     root: zarr.Group, cfg: RunConfig, modalities: list[str], prints: Fingerprints
 ) -> bool:
     """`technical/cis` belongs to a modality of this run and is not this run's result:
-    the modality no longer names a cis feature, or its inputs changed."""
+    the modality no longer names a cis feature, or its inputs changed. The cis group of
+    a killed sampling of the same inputs is kept: the resumed sampling writes into it."""
     if CIS_KEY not in root:
         return False
     owner = root[CIS_KEY].attrs.get("modality")
     if owner not in modalities:
         return False
-    return cfg.modalities[owner].cis_feature is None or not _unchanged(
-        root, CIS_KEY, prints.sample[owner]
+    fingerprint = prints.sample[owner]
+    return cfg.modalities[owner].cis_feature is None or not (
+        _unchanged(root, CIS_KEY, fingerprint)
+        or _interrupted_sampling(root, results_key(owner), fingerprint)
+    )
+
+
+def _interrupted_sampling(root: zarr.Group, key: str, fingerprint: str) -> bool:
+    """A killed sampling of the same inputs, which `sample_modality` resumes."""
+    if key not in root:
+        return False
+    attrs = root[key].attrs
+    return (
+        attrs.get("fingerprint") == fingerprint
+        and not attrs.get(COMPLETE)
+        and "batches_done" in attrs
+        and "sampling_batch_size" in attrs
     )
 
 
@@ -187,8 +203,10 @@ def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     if _unchanged(root, key, prints.sample[name]):
         get_run_logger().info("Modality '%s': results unchanged, sampling skipped", name)
         attrs = root[key].attrs
-        return {"sampling_seconds": attrs["sampling_seconds"],
-                "batch_size": attrs["sampling_batch_size"]}
+        return {
+            "sampling_seconds": attrs["sampling_seconds"],
+            "batch_size": attrs["sampling_batch_size"],
+        }
     request = SampleRequest(
         nsamples=cfg.fit.nsamples,
         seed=cfg.fit.seed,

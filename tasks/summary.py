@@ -35,7 +35,8 @@ def summarize(store: str, modality: str) -> pd.DataFrame:
         group = require_complete(root, results_key(modality), "sample")
     except StoreError as err:
         have = sorted(
-            key for key in (root["technical"].group_keys() if "technical" in root else [])
+            key
+            for key in (root["technical"].group_keys() if "technical" in root else [])
             if results_key(key) != CIS_KEY and is_complete(root, results_key(key))
         )
         raise StoreError(f"{err} Modalities with results: {have}.") from None

@@ -15,7 +15,12 @@ import torch
 from bayesdream_model.constants import OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
 from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
-from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
+from bayesdream_model.distributions.effects import (
+    additive_outputs,
+    derive_additive,
+    sample_group_effects,
+    with_baseline,
+)
 from bayesdream_model.errors import NonFiniteLikelihoodError
 from bayesdream_model.plates import Plates
 from bayesdream_model.stats import any_group_all, group_sums
@@ -96,7 +101,9 @@ class Binomial(Family):
         y = group_sums(np.where(valid, data.y, 0), data.groups, data.n_groups)
         n = group_sums(np.where(valid, data.denominator, 0), data.groups, data.n_groups)
         psi = np.clip((y + 0.5) / (n + 1.0), P_CLAMP, 1 - P_CLAMP)
-        return {EFFECT_SITE: torch.as_tensor(_logit(psi[1:]) - _logit(psi[:1]), dtype=torch.float32)}
+        return {
+            EFFECT_SITE: torch.as_tensor(_logit(psi[1:]) - _logit(psi[:1]), dtype=torch.float32)
+        }
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
         """Per-group totals of y and n over valid cells, and the number of valid cells."""
@@ -111,7 +118,9 @@ class Binomial(Family):
             y=torch.empty(0),
             groups=torch.as_tensor(g, dtype=torch.int64, device=device),
             n_groups=c,
-            stats={k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()},
+            stats={
+                k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()
+            },
         )
 
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
@@ -139,31 +148,14 @@ class Binomial(Family):
         pyro.factor(OBS_SITE, total)
 
     def outputs(self) -> tuple[OutputSpec, ...]:
-        """alpha_y = alpha_y_add (logit shift, baseline 0); alpha_y_mult is 1 (not multiplicative)."""
-        return (
-            OutputSpec("alpha_y", "effect", 0.0),
-            OutputSpec("alpha_y_mult", "effect", 1.0),
-            OutputSpec("alpha_y_add", "effect", 0.0),
-            OutputSpec(EFFECT_SITE, "raw", 0.0),
-            OutputSpec("mu_ntc", "feature"),
-        )
+        """alpha_y = alpha_y_add (logit shift, baseline 0); alpha_y_mult is 1."""
+        return additive_outputs(EFFECT_SITE, ("mu_ntc",))
 
     def derive(
         self, samples: dict[str, torch.Tensor], n_groups: int, inputs: dict | None = None
     ) -> dict[str, torch.Tensor]:
-        """Effects on the logit scale, never exponentiated."""
-        mu_ntc = samples["mu_ntc"]
-        raw = samples.get(EFFECT_SITE)
-        if raw is None:
-            raw = mu_ntc.new_zeros(mu_ntc.shape[0], 0, mu_ntc.shape[-1])
-        add = with_baseline(raw, mu_ntc, 0.0)
-        return {
-            "alpha_y": add,
-            "alpha_y_mult": torch.ones_like(add),
-            "alpha_y_add": add,
-            EFFECT_SITE: raw,
-            "mu_ntc": mu_ntc,
-        }
+        """Effects as drawn (never exponentiated), baseline row 0."""
+        return derive_additive(samples, EFFECT_SITE, ("mu_ntc",))
 
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
         """T."""
@@ -189,9 +181,14 @@ def _range(name: str, x: torch.Tensor) -> str:
 def _diagnose(mu, logit_mu, alpha, p, data: FitTensors) -> str:
     """Ranges and finiteness of every intermediate of the binomial log-likelihood."""
     parts = [
-        _range("mu", mu), _range("logit(mu)", logit_mu), _range("alpha", alpha),
-        _range("p", p), _range("log p", torch.log(p)), _range("log(1-p)", torch.log1p(-p)),
-        _range("y (group totals)", data.stats["y"]), _range("n (group totals)", data.stats["n"]),
+        _range("mu", mu),
+        _range("logit(mu)", logit_mu),
+        _range("alpha", alpha),
+        _range("p", p),
+        _range("log p", torch.log(p)),
+        _range("log(1-p)", torch.log1p(-p)),
+        _range("y (group totals)", data.stats["y"]),
+        _range("n (group totals)", data.stats["n"]),
         f"valid cells: {int(data.stats['valid'].sum().item())}",
     ]
     return "Non-finite binomial log-likelihood. " + "; ".join(parts)

@@ -20,7 +20,12 @@ import torch
 from bayesdream_model.constants import EPSILON, OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
 from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
-from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
+from bayesdream_model.distributions.effects import (
+    additive_outputs,
+    derive_additive,
+    sample_group_effects,
+    with_baseline,
+)
 from bayesdream_model.plates import Plates
 from bayesdream_model.stats import any_group_all, group_sums, robust_sd
 
@@ -87,32 +92,13 @@ class _Continuous(Family):
 
     def outputs(self) -> tuple[OutputSpec, ...]:
         """alpha_y = alpha_y_add (data units, baseline 0); alpha_y_mult is 1."""
-        return (
-            OutputSpec("alpha_y", "effect", 0.0),
-            OutputSpec("alpha_y_mult", "effect", 1.0),
-            OutputSpec("alpha_y_add", "effect", 0.0),
-            OutputSpec(EFFECT_SITE, "raw", 0.0),
-            OutputSpec("mu_ntc", "feature"),
-            OutputSpec("sigma_y", "feature"),
-        )
+        return additive_outputs(EFFECT_SITE, ("mu_ntc", "sigma_y"))
 
     def derive(
         self, samples: dict[str, torch.Tensor], n_groups: int, inputs: dict | None = None
     ) -> dict[str, torch.Tensor]:
-        """Additive effects in the data's units."""
-        mu_ntc = samples["mu_ntc"]
-        raw = samples.get(EFFECT_SITE)
-        if raw is None:
-            raw = mu_ntc.new_zeros(mu_ntc.shape[0], 0, mu_ntc.shape[-1])
-        add = with_baseline(raw, mu_ntc, 0.0)
-        return {
-            "alpha_y": add,
-            "alpha_y_mult": torch.ones_like(add),
-            "alpha_y_add": add,
-            EFFECT_SITE: raw,
-            "mu_ntc": mu_ntc,
-            "sigma_y": samples["sigma_y"],
-        }
+        """Effects as drawn (never exponentiated), baseline row 0."""
+        return derive_additive(samples, EFFECT_SITE, ("mu_ntc", "sigma_y"))
 
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
         """T."""
@@ -127,8 +113,14 @@ class Normal(_Continuous):
     """y ~ Normal(mu_ntc + delta[g], sigma_y), on per-group sufficient statistics."""
 
     spec = DistributionSpec(
-        name="normal", effect_type="additive", needs_denominator=False, needs_sum_factor=False,
-        is_3d=False, supports_group_effects=True, default_niters=50_000, count_data=False,
+        name="normal",
+        effect_type="additive",
+        needs_denominator=False,
+        needs_sum_factor=False,
+        is_3d=False,
+        supports_group_effects=True,
+        default_niters=50_000,
+        count_data=False,
     )
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
@@ -145,7 +137,9 @@ class Normal(_Continuous):
             y=torch.empty(0),
             groups=torch.as_tensor(g, dtype=torch.int64, device=device),
             n_groups=c,
-            stats={k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()},
+            stats={
+                k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()
+            },
         )
 
     def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
@@ -171,13 +165,15 @@ class _Log1pSquareTerm(torch.autograd.Function):
     def forward(ctx, loc, inv_scale, y, mask, bounds, df):  # noqa: D102
         total = torch.zeros((), dtype=torch.float64, device=loc.device)
         grad_loc, grad_s = torch.zeros_like(loc), torch.zeros_like(inv_scale)
-        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             for start in range(lo, hi, BLOCK_CELLS):
                 stop = min(start + BLOCK_CELLS, hi)
                 d = y[start:stop] - loc[g]
                 r = d * inv_scale
                 q = r.square().div_(df)
-                total += torch.dot(mask[start:stop].reshape(-1), torch.log1p(q).reshape(-1)).double()
+                total += torch.dot(
+                    mask[start:stop].reshape(-1), torch.log1p(q).reshape(-1)
+                ).double()
                 weight = r.mul_(mask[start:stop]).div_(q.add_(1.0)).mul_(2.0 / df)  # 2r·m/(ν(1+q))
                 grad_loc[g] -= weight.sum(0) * inv_scale
                 grad_s += (weight * d).sum(0)
@@ -201,8 +197,14 @@ class StudentT(_Continuous):
     """
 
     spec = DistributionSpec(
-        name="studentt", effect_type="additive", needs_denominator=False, needs_sum_factor=False,
-        is_3d=False, supports_group_effects=True, default_niters=50_000, count_data=False,
+        name="studentt",
+        effect_type="additive",
+        needs_denominator=False,
+        needs_sum_factor=False,
+        is_3d=False,
+        supports_group_effects=True,
+        default_niters=50_000,
+        count_data=False,
     )
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
@@ -222,7 +224,9 @@ class StudentT(_Continuous):
             "bounds": t(np.searchsorted(groups, np.arange(data.n_groups + 1)), torch.int64),
         }
         return FitTensors(
-            y=torch.empty(0), groups=t(data.groups, torch.int64), n_groups=data.n_groups,
+            y=torch.empty(0),
+            groups=t(data.groups, torch.int64),
+            n_groups=data.n_groups,
             stats=stats,
         )
 

@@ -9,7 +9,9 @@ import torch
 from bayesdream_model.plates import Plates
 
 
-def sample_group_effects(name: str, plates: Plates, prior: dist.Distribution) -> torch.Tensor | None:
+def sample_group_effects(
+    name: str, plates: Plates, prior: dist.Distribution
+) -> torch.Tensor | None:
     """`name[g >= 1, t] ~ prior`; None when there is a single group (nothing to learn)."""
     if plates.groups is None:
         return None
@@ -26,3 +28,30 @@ def with_baseline(effect: torch.Tensor | None, like: torch.Tensor, baseline: flo
     first = first.expand(*batch, 1, first.shape[-1])
     effect = effect.expand(*batch, *effect.shape[-2:])
     return torch.cat([first, effect], dim=-2)
+
+
+def additive_outputs(effect_site: str, feature_sites: tuple[str, ...]):
+    """Results of a family whose effects add (logit or data units): alpha_y = alpha_y_add,
+    alpha_y_mult is 1 (kept for a uniform layout), the raw effect site, per-feature sites."""
+    from bayesdream_model.distributions.base import OutputSpec
+
+    return (
+        OutputSpec("alpha_y", "effect", 0.0),
+        OutputSpec("alpha_y_mult", "effect", 1.0),
+        OutputSpec("alpha_y_add", "effect", 0.0),
+        OutputSpec(effect_site, "raw", 0.0),
+        *(OutputSpec(site, "feature") for site in feature_sites),
+    )
+
+
+def derive_additive(
+    samples: dict[str, torch.Tensor], effect_site: str, feature_sites: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """`additive_outputs` from posterior draws [S, ...] (never exponentiated)."""
+    like = samples[feature_sites[0]]
+    raw = samples.get(effect_site)
+    if raw is None:  # a single group: nothing was sampled
+        raw = like.new_zeros(like.shape[0], 0, like.shape[-1])
+    add = with_baseline(raw, like, 0.0)
+    derived = {"alpha_y": add, "alpha_y_mult": torch.ones_like(add), "alpha_y_add": add}
+    return derived | {effect_site: raw} | {site: samples[site] for site in feature_sites}

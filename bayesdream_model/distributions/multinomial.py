@@ -63,8 +63,14 @@ class Multinomial(Family):
     """Dirichlet baseline probabilities per feature, Student-t logit shifts per group."""
 
     spec = DistributionSpec(
-        name="multinomial", effect_type="logit", needs_denominator=False, needs_sum_factor=False,
-        is_3d=True, supports_group_effects=True, default_niters=100_000, count_data=True,
+        name="multinomial",
+        effect_type="logit",
+        needs_denominator=False,
+        needs_sum_factor=False,
+        is_3d=True,
+        supports_group_effects=True,
+        default_niters=100_000,
+        count_data=True,
         guide="point_baseline",
     )
     latent_sites = (EFFECT_SITE, DIRICHLET_SITE)
@@ -105,9 +111,13 @@ class Multinomial(Family):
         ref = data.y[data.groups == 0].sum(axis=0, dtype=np.float64) + 1.0
         p = ref / ref.sum(axis=-1, keepdims=True)
         p = (1.0 - k * INTERIOR) * p + INTERIOR
-        values = {DIRICHLET_SITE: torch.as_tensor(p / p.sum(-1, keepdims=True), dtype=torch.float32)}
+        values = {
+            DIRICHLET_SITE: torch.as_tensor(p / p.sum(-1, keepdims=True), dtype=torch.float32)
+        }
         if data.n_groups > 1:
-            values[EFFECT_SITE] = torch.as_tensor(np.log(props[1:] / props[:1]), dtype=torch.float32)
+            values[EFFECT_SITE] = torch.as_tensor(
+                np.log(props[1:] / props[:1]), dtype=torch.float32
+            )
         return values
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
@@ -131,8 +141,11 @@ class Multinomial(Family):
         conc, mask = inputs["concentration"], inputs["mask"]
         k = conc.shape[-1]
         prior = (
-            dist.StudentT(conc.new_tensor(self.effect_df), conc.new_tensor(0.0),
-                          conc.new_tensor(self.effect_scale))
+            dist.StudentT(
+                conc.new_tensor(self.effect_df),
+                conc.new_tensor(0.0),
+                conc.new_tensor(self.effect_scale),
+            )
             .expand([k])
             .to_event(1)
         )

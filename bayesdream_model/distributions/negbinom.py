@@ -36,7 +36,9 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     groups, sf = data.groups[order], data.sum_factor[order].astype(np.float64)
     rows, cols = np.nonzero(y)
     values = y[rows, cols].astype(np.float64)
-    pairs, counts = np.unique(np.stack([cols.astype(np.float64), values]), axis=1, return_counts=True)
+    pairs, counts = np.unique(
+        np.stack([cols.astype(np.float64), values]), axis=1, return_counts=True
+    )
     # parameter-free: -Σ lgamma(y + 1) + Σ y log sf (the part of y log mu that sf carries)
     constant = -torch.lgamma(torch.as_tensor(values) + 1).sum().item() + float(
         (values * np.log(sf[rows])).sum()
@@ -70,7 +72,7 @@ class _Log1pTerm(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=m_tilde.device)
         grad_m = torch.zeros_like(m_tilde)
         grad_e, grad_phi = torch.zeros_like(e_tilde), torch.zeros_like(phi)
-        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             for start in range(lo, hi, BLOCK_CELLS):
                 stop = min(start + BLOCK_CELLS, hi)
                 sf = sum_factor[start:stop]
@@ -110,7 +112,11 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
     )  # [C, T]
     inv = 1.0 / (phi + LOG_EPS)
     dense = _Log1pTerm.apply(
-        torch.exp(log_m) * inv, LOG_EPS * inv, phi, stats["y"], stats["sum_factor"],
+        torch.exp(log_m) * inv,
+        LOG_EPS * inv,
+        phi,
+        stats["y"],
+        stats["sum_factor"],
         stats["bounds"].tolist(),
     )
     phi_pair = phi.index_select(0, stats["pair_feature"])
@@ -201,9 +207,7 @@ class NegBinom(Family):
         beta_o = pyro.sample("beta_o", dist.Gamma(inputs["beta_o_alpha"], inputs["beta_o_beta"]))
         with plates.features:
             o_y = pyro.sample("o_y", dist.Exponential(beta_o))
-            mu_ntc = pyro.sample(
-                "mu_ntc", dist.Gamma(mu_mean**2 / mu_sd**2, mu_mean / mu_sd**2)
-            )
+            mu_ntc = pyro.sample("mu_ntc", dist.Gamma(mu_mean**2 / mu_sd**2, mu_mean / mu_sd**2))
         return {EFFECT_SITE: log2_alpha, "o_y": o_y, "mu_ntc": mu_ntc}
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from bayesdream_model.distributions import requires_sum_factor
 from tasks.config import RunConfig
 from tasks.errors import InputDataError
 from tasks.ingest.readers import plain_suffix
-from bayesdream_model.distributions import requires_sum_factor
 from tasks.store import CELLS, fresh_group, mark_complete, write_array, write_strings
 
 logger = logging.getLogger(__name__)

@@ -55,6 +55,7 @@ from pyro import poutine
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.distributions.multinomial import category_mask
+from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
 
 BASELINES_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines.py"
@@ -319,3 +320,65 @@ def test_planted_cases_are_in_the_data() -> None:
     assert mask[0, 3] and mask[1, 2] and mask[2, 0] and mask[3].all() and not mask[5:].any()
     # a masked category with counts in other groups: p is floored there, a constant term
     assert multinomial.y[:, 1, 2].sum() > 0
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_multinomial_rejects_negative_or_non_finite_counts(bad: float) -> None:
+    """SPEC: negative or non-finite multinomial counts are an error, not a likelihood."""
+    rng = np.random.default_rng(0)
+    data = data_multinomial(rng, _groups(rng, 2), 2)
+    y = data.y.copy()
+    y[4, 6, 1] = bad
+    with pytest.raises(ModelError, match="finite and non-negative"):
+        get_family("multinomial").tensors(FitArrays(y=y, groups=data.groups, n_groups=2), "cpu")
+
+
+# -- known deviations (bugs) --------------------------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: binomial observe clamps p to [1e-12, 1 - 1e-12] in float32, where 1 - 1e-12 "
+        "rounds to 1.0: for logit p >~ 16.6 sigmoid gives p = 1, log1p(-p) = -inf and "
+        "(n - y) * -inf is -inf (or NaN where n == y), so NonFiniteLikelihoodError is raised "
+        "where SPEC's clamped log-likelihood is finite (fix: log p = logsigmoid(z), "
+        "log(1 - p) = logsigmoid(-z), each clamped below at log(1e-12))"
+    ),
+)
+@pytest.mark.parametrize("logit", [17.0, 25.0])
+def test_binomial_likelihood_at_high_logit_is_spec_clamped(logit: float) -> None:
+    rng = np.random.default_rng(0)
+    groups = np.arange(40) % 2
+    n = rng.poisson(10.0, size=(40, 2)).astype(np.float64) + 1.0
+    y = n.copy()  # feature 0: PSI = 1 exactly (n - y = 0); feature 1: one failure
+    y[1, 1] -= 1.0
+    data = FitArrays(y=y, groups=groups, n_groups=2, denominator=n)
+    params = {
+        "mu_ntc": torch.tensor([0.5, 0.5]),
+        "alpha_logit_y": torch.tensor([[logit, logit]]),
+    }
+    expected = baselines.dense_log_likelihood("binomial", as_float64(params), data).sum()
+    assert torch.isfinite(expected)  # SPEC: finite, log(1 - p) floored at log(1e-12)
+    value = baselines.fast_log_likelihood(get_family("binomial"), params, data)
+    np.testing.assert_allclose(value.item(), expected.item(), rtol=RTOL)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (float32 precision): for low dispersion (o_y = 3e-3, phi ~ 1e5; the "
+        "Exponential(beta_o ~ 3) prior puts ~1 % of its mass below) the negbinom o_y gradient "
+        "is float32 cancellation noise, 10^2-10^4 x the exact value: lgamma(phi + y) - "
+        "lgamma(phi), y log phi and (phi + y) log1p(mu / phi) cancel to O(mu^2 / phi^2). "
+        "A plain float32 dense NB has the same error (o_y <~ 0.05 already loses >10 %); "
+        "accumulating the phi terms in float64 (the value histogram is small) would fix it"
+    ),
+)
+def test_negbinom_dispersion_gradient_near_the_poisson_limit() -> None:
+    data, params, _ = make_case("negbinom", 3, seed=0)
+    params = {**params, "o_y": torch.full_like(params["o_y"], 3e-3).requires_grad_(True)}
+    fast = baselines.fast_log_likelihood(get_family("negbinom"), params, data)
+    (got,) = torch.autograd.grad(fast, [params["o_y"]])
+    ref_params = as_float64(params)
+    ref = baselines.dense_log_likelihood("negbinom", ref_params, data).sum()
+    (expected,) = torch.autograd.grad(ref, [ref_params["o_y"]])
+    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=1e-2)

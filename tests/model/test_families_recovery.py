@@ -21,7 +21,7 @@ Checks (on k = (C-1) T effects; multinomial (C-1) T K, (C-1) T (K-1) of them fre
 - RMSE <= 1.5 rms(se): if the fit is as good as the empirical estimator, RMSE² / ms(se) is
   ~ χ²_k / k, and P(χ²_k / k > 2.25) < 1e-4 even at k = 40 (the effects of one feature
   share its baseline, so fewer than k are independent); 1.5 also absorbs the delta-method
-  error and the prior's shrinkage (below). Observed: RMSE / rms(se) 0.65-1.2.
+  error and the prior's shrinkage (below). Observed: RMSE / rms(se) 0.75-1.2.
 - correlation >= sqrt(var(truth) / (var(truth) + (1.5 rms se)²)): what an estimator at the
   RMSE bound reaches on these effects (0.92-0.995 here).
 - 90 % central intervals (5-95 % quantiles of the draws): coverage within E ± 4 sd with

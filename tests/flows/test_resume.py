@@ -1,0 +1,313 @@
+"""A run killed mid-fit or mid-sampling (SIGKILL of a real child process) resumes, and the
+resumed store equals the store of a run that was never interrupted.
+
+The child runs `tests/flows/_run_flow.py` against the session's Prefect API; the rerun
+runs in this process, under the same harness, so that spies can count what it redoes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import tasks.fingerprint
+import tasks.fitting
+import tasks.sampling
+from flows.technical_fit import technical_fit
+from tasks.demo import write_demo_inputs
+from tasks.store import CIS_KEY, COMPLETE, fit_key, results_key
+
+RUN_FLOW = Path(__file__).with_name("_run_flow.py")
+CHECKPOINT = f"{fit_key('gene')}/{tasks.fitting.CHECKPOINT}"
+# SVI that never stops early (|a*(loss-ewma)| < 0 never holds) and checkpoints every
+# half second: the child is killed right after its first checkpoint, half a second before
+# its next one, so the kill does not land in a checkpoint write.
+SVI = [
+    "fit.niters=400",
+    "fit.convergence=ewma",
+    "fit.tolerance=0",
+    "fit.checkpoint_seconds=0.5",
+    "fit.nsamples=20",
+]
+# A short fit, then many one-draw batches (tens of ms each): a window to kill in.
+SAMPLING_DRAWS = 150
+SAMPLING = ["fit.niters=60", f"fit.nsamples={SAMPLING_DRAWS}", "fit.minibatch_size=1"]
+TIMING_ATTRS = {"fit_seconds", "sampling_seconds"}
+CHILD_TIMEOUT = 240.0
+
+
+# -- fixtures and helpers ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small simulated screen (250 cells x 16 features, GFI1B as the cis feature)."""
+    return write_demo_inputs(
+        tmp_path_factory.mktemp("resume") / "demo", n_cells=250, n_features=16, niters=100,
+        nsamples=20,
+    )
+
+
+def _with_store(overrides: list[str], store: Path) -> list[str]:
+    return [*overrides, f"store={store}"]
+
+
+def _child_env(folder: Path) -> dict[str, str]:
+    """The session's Prefect API (no server start per child), a private PREFECT_HOME, and
+    this process's code version, so that parent and child agree on every fingerprint."""
+    from prefect.settings import get_current_settings
+
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(folder / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        BAYESDREAM_CODE_VERSION=tasks.fingerprint.code_version(),
+    )
+    url = get_current_settings().api.url
+    if url:
+        env["PREFECT_API_URL"] = str(url)
+    return env
+
+
+class Child:
+    """The flow in a child process (its own process group), killed with SIGKILL."""
+
+    def __init__(self, config: Path, overrides: list[str], folder: Path) -> None:
+        self.log = folder / "child.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(RUN_FLOW), str(config), *overrides],
+                cwd=folder, env=_child_env(folder), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        """Poll every 10 ms until `condition()`; fail if the child ends first."""
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while not condition():
+            if self.process.poll() is not None:
+                pytest.fail(f"the child ended (rc {self.process.returncode}) before {what}:\n"
+                            f"{self.tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no {what} after {CHILD_TIMEOUT:.0f} s:\n{self.tail()}")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (no cleanup runs) and reap the child."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        assert self.process.returncode == -signal.SIGKILL, self.tail()
+
+    def tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """Start children; any still running at the end of the test are killed."""
+    started: list[Child] = []
+
+    def start(config: Path, overrides: list[str]) -> Child:
+        started.append(Child(config, overrides, tmp_path))
+        return started[-1]
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(timeout=30)
+
+
+def _chunks_written(array_dir: Path) -> bool:
+    """A chunk of the array is on disk (chunk files are written by atomic rename)."""
+    return (array_dir / "c").is_dir() and any(p.is_file() for p in (array_dir / "c").rglob("*"))
+
+
+def _attrs(store: Path, key: str) -> dict:
+    """The attributes of a group, {} while it is absent or being rewritten."""
+    try:
+        return dict(zarr.open_group(str(store / key), mode="r").attrs)
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
+
+
+def _claims_complete(store: Path) -> list[str]:
+    """Every group that says `complete: true` at root or results level."""
+    root = zarr.open_group(str(store), mode="r")
+    claims = ["/"] if root.attrs.get(COMPLETE) else []
+    return claims + [key for key in (results_key("gene"), CIS_KEY)
+                     if key in root and root[key].attrs.get(COMPLETE)]
+
+
+def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every array under `group`, by path."""
+    found = {}
+    for name, member in group.members():
+        if isinstance(member, zarr.Array):
+            found[prefix + name] = member[...]
+        else:
+            found |= _arrays(member, f"{prefix}{name}/")
+    return found
+
+
+def _assert_same_results(store: Path, reference: Path) -> None:
+    """Results, cis results, fitted guide and loss trace equal bit for bit; the attrs too,
+    except wall-clock timings."""
+    got, want = zarr.open_group(str(store), mode="r"), zarr.open_group(str(reference), mode="r")
+    assert got.attrs[COMPLETE] is True
+    for key in (fit_key("gene"), results_key("gene"), CIS_KEY):
+        arrays, expected = _arrays(got[key]), _arrays(want[key])
+        assert sorted(arrays) == sorted(expected), key
+        for name, values in expected.items():
+            assert arrays[name].dtype == values.dtype, f"{key}/{name}"
+            np.testing.assert_array_equal(arrays[name], values, err_msg=f"{key}/{name}")
+        attrs = {k: v for k, v in got[key].attrs.items() if k not in TIMING_ATTRS}
+        assert attrs == {k: v for k, v in want[key].attrs.items() if k not in TIMING_ATTRS}, key
+
+
+def _uninterrupted(demo: Path, overrides: list[str], store: Path) -> Path:
+    technical_fit(str(demo), _with_store(overrides, store))
+    return store
+
+
+class _Messages(logging.Handler):
+    """Collects the messages of a logger (Prefect's task-run logger, the SVI loop's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def messages() -> Iterator[list[str]]:
+    handler = _Messages()
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "bayesdream_model.inference")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    yield handler.messages
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# -- SVI --------------------------------------------------------------------------------
+def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
+    demo: Path, tmp_path: Path, child, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "killed.zarr"
+    run = child(demo, _with_store(SVI, store))
+    run.wait_until(lambda: _chunks_written(store / CHECKPOINT), "SVI checkpoint")
+    run.kill()
+
+    # what the kill left: a checkpointed fit of these inputs, no completion claimed
+    assert _claims_complete(store) == []
+    root = zarr.open_group(str(store), mode="r")
+    fit = root[fit_key("gene")]
+    assert COMPLETE not in fit.attrs and "loss" not in fit
+    state = torch.load(io.BytesIO(fit[tasks.fitting.CHECKPOINT][...].tobytes()),
+                       weights_only=False)
+    steps_done = len(state["losses"])
+    assert 0 < steps_done < 400
+
+    # the rerun resumes at the checkpoint's step; ingestion and filters are skipped
+    technical_fit(str(demo), _with_store(SVI, store))
+    assert "Modality 'gene': resuming the fit from its checkpoint" in messages
+    assert f"SVI resumed at step {steps_done} of 400" in messages
+    assert any("ingestion skipped" in m for m in messages)
+    assert tasks.fitting.CHECKPOINT not in zarr.open_group(str(store / fit_key("gene")), mode="r")
+
+    reference = _uninterrupted(demo, SVI, tmp_path / "uninterrupted.zarr")
+    # SVI on the CPU with one thread is deterministic, and the checkpoint holds the whole
+    # loop state (guide, Adam moments, one-cycle schedule, losses, EWMA, torch RNG):
+    # the resumed fit takes the very same steps, so everything is equal bit for bit.
+    _assert_same_results(store, reference)
+    assert zarr.open_group(str(store), mode="r")[fit_key("gene")].attrs["niters_run"] == 400
+
+
+def test_unreadable_checkpoint_restarts_the_fit(
+    demo: Path, tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between a checkpoint's metadata and its bytes leaves a zero-filled array:
+    the rerun fits from the start instead of failing on it forever."""
+    store = tmp_path / "crashed.zarr"
+    overrides = _with_store([*SVI, "fit.niters=120", "fit.checkpoint_seconds=0.01"], store)
+    save = tasks.fitting._save_checkpoint
+
+    def save_then_die(group: zarr.Group, state: dict) -> None:
+        save(group, state)
+        raise RuntimeError("killed after a checkpoint")
+
+    monkeypatch.setattr(tasks.fitting, "_save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed after a checkpoint"):
+        technical_fit(str(demo), overrides)
+    monkeypatch.undo()
+    group = zarr.open_group(str(store / fit_key("gene")), mode="a")
+    group.create_array(tasks.fitting.CHECKPOINT, shape=(64,), dtype="uint8", overwrite=True)
+
+    technical_fit(str(demo), overrides)
+    assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
+    reference = _uninterrupted(
+        demo, [*SVI, "fit.niters=120", "fit.checkpoint_seconds=0.01"], tmp_path / "ref.zarr"
+    )
+    _assert_same_results(store, reference)
+
+
+# -- sampling ---------------------------------------------------------------------------
+def test_sampling_killed_mid_way_resumes_without_redrawing(
+    demo: Path, tmp_path: Path, child, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "killed.zarr"
+    run = child(demo, _with_store(SAMPLING, store))
+    run.wait_until(
+        lambda: len(_attrs(store, results_key("gene")).get("batches_done", [])) >= 3,
+        "three sampled batches",
+    )
+    run.kill()
+
+    assert _claims_complete(store) == []
+    attrs = _attrs(store, results_key("gene"))
+    done = attrs["batches_done"]
+    assert attrs["sampling_batch_size"] == 1 and 3 <= len(done) < SAMPLING_DRAWS
+    assert zarr.open_group(str(store), mode="r")[fit_key("gene")].attrs[COMPLETE] is True
+
+    # the rerun skips the fit, keeps the written batches and draws only the missing ones
+    drawn: list[int] = []
+    draw_range = tasks.sampling.draw_range
+
+    def counting_draw_range(fitted, start: int, stop: int, **kwargs):
+        drawn.append(start)
+        return draw_range(fitted, start, stop, **kwargs)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit was complete: it must not run again")
+
+    monkeypatch.setattr(tasks.sampling, "draw_range", counting_draw_range)
+    monkeypatch.setattr(tasks.fitting, "fit_technical", no_fit)
+    technical_fit(str(demo), _with_store(SAMPLING, store))
+    monkeypatch.undo()
+    assert sorted(drawn) == sorted(set(range(SAMPLING_DRAWS)) - set(done))
+    assert any(f"resuming sampling, {len(done)} of {SAMPLING_DRAWS} batches" in m
+               for m in messages)
+
+    reference = _uninterrupted(demo, SAMPLING, tmp_path / "uninterrupted.zarr")
+    # each batch is seeded from (seed, start) alone: the batches drawn before the kill and
+    # those drawn after it are exactly the uninterrupted run's
+    _assert_same_results(store, reference)
+    assert _claims_complete(store) == ["/", results_key("gene"), CIS_KEY]
