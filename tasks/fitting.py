@@ -115,9 +115,21 @@ def _fit_group(
     if key in root and fingerprint is not None and CHECKPOINT in root[key]:
         group = root[key]
         if group.attrs.get("fingerprint") == fingerprint and not group.attrs.get(COMPLETE):
-            buffer = io.BytesIO(group[CHECKPOINT][...].tobytes())
-            return group, torch.load(buffer, weights_only=False)
+            state = _load_checkpoint(group)
+            if state is not None:
+                return group, state
     return fresh_group(root, key, "bayesdream-fit", fingerprint=fingerprint), None
+
+
+def _load_checkpoint(group: zarr.Group) -> dict | None:
+    """The saved SVI state, or None where a kill mid-save left it unreadable (a checkpoint
+    is rewritten as a new array: metadata first, then its one chunk), so the fit restarts."""
+    try:
+        return torch.load(io.BytesIO(group[CHECKPOINT][...].tobytes()), weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means: start over
+        logger.warning("Unreadable fit checkpoint in '%s' (%s): fitting from the start",
+                       group.path, err)
+        return None
 
 
 def _save_checkpoint(group: zarr.Group, state: dict) -> None:
