@@ -126,9 +126,10 @@ def _load_checkpoint(group: zarr.Group) -> dict | None:
     is rewritten as a new array: metadata first, then its one chunk), so the fit restarts."""
     try:
         return torch.load(io.BytesIO(group[CHECKPOINT][...].tobytes()), weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means: start over
-        logger.warning("Unreadable fit checkpoint in '%s' (%s): fitting from the start",
-                       group.path, err)
+    except Exception as err:  # whatever makes it unreadable, the fit starts over
+        logger.warning(
+            "Unreadable fit checkpoint in '%s' (%s): fitting from the start", group.path, err
+        )
         return None
 
 

@@ -7,10 +7,13 @@ expression on per-group totals of valid cells (n > 0): computed once, exactly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 
 from bayesdream_model.constants import OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
@@ -28,6 +31,8 @@ from bayesdream_model.stats import any_group_all, group_sums
 EFFECT_SITE = "alpha_logit_y"
 P_CLAMP = 1e-6
 LOG_P_CLAMP = 1e-12
+LOG_FLOOR = math.log(LOG_P_CLAMP)  # log(1e-12)
+LOG_CEIL = math.log1p(-LOG_P_CLAMP)  # log(1 - 1e-12)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -139,11 +144,15 @@ class Binomial(Family):
         mu = params["mu_ntc"].clamp(P_CLAMP, 1 - P_CLAMP)
         logit_mu = torch.log(mu) - torch.log1p(-mu)
         alpha = with_baseline(params[EFFECT_SITE], mu, 0.0)  # [C, T]
-        p = torch.sigmoid(logit_mu + alpha).clamp(LOG_P_CLAMP, 1 - LOG_P_CLAMP)
+        z = logit_mu + alpha
+        # log p and log(1 - p) of p clamped to [1e-12, 1 - 1e-12], computed from the logit:
+        # in float32 1 - 1e-12 rounds to 1, so clamping p itself does nothing above logit 16.6
+        log_p = F.logsigmoid(z).clamp(min=LOG_FLOOR, max=LOG_CEIL)
+        log_q = F.logsigmoid(-z).clamp(min=LOG_FLOOR, max=LOG_CEIL)
         y, n = data.stats["y"], data.stats["n"]
-        log_lik = y * torch.log(p) + (n - y) * torch.log1p(-p)
-        total = log_lik.sum()
+        total = (y * log_p + (n - y) * log_q).sum()
         if not torch.isfinite(total):
+            p = torch.sigmoid(z).clamp(LOG_P_CLAMP, 1 - LOG_P_CLAMP)
             raise NonFiniteLikelihoodError(_diagnose(mu, logit_mu, alpha, p, data))
         pyro.factor(OBS_SITE, total)
 

@@ -334,16 +334,6 @@ def test_multinomial_rejects_negative_or_non_finite_counts(bad: float) -> None:
 
 
 # -- known deviations (bugs) --------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: binomial observe clamps p to [1e-12, 1 - 1e-12] in float32, where 1 - 1e-12 "
-        "rounds to 1.0: for logit p >~ 16.6 sigmoid gives p = 1, log1p(-p) = -inf and "
-        "(n - y) * -inf is -inf (or NaN where n == y), so NonFiniteLikelihoodError is raised "
-        "where SPEC's clamped log-likelihood is finite (fix: log p = logsigmoid(z), "
-        "log(1 - p) = logsigmoid(-z), each clamped below at log(1e-12))"
-    ),
-)
 @pytest.mark.parametrize("logit", [17.0, 25.0])
 def test_binomial_likelihood_at_high_logit_is_spec_clamped(logit: float) -> None:
     rng = np.random.default_rng(0)
