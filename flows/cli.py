@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary local API starts in a subprocess; on a busy laptop 20 s is too short.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         return _dispatch(args)
     except PipelineError as err:
@@ -150,18 +153,18 @@ def _run_on_dask(args: argparse.Namespace) -> str:
 @contextmanager
 def _shared_temporary_api() -> Iterator[None]:
     """Prefect's temporary server, started here and passed to the local Dask workers with
-    the task context Prefect sends them: one API and database instead of one per worker."""
+    the task context Prefect sends them: one API and database instead of one per worker.
+
+    It is the one Prefect would start for this process anyway, and stops, as that one
+    does, at exit (after the last logs are sent)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
     server.start()
     log.info("Prefect API for this run and its Dask workers: %s", server.api_url)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        server.stop()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def deploy(prefect_file: Path, names: list[str]) -> int:
