@@ -50,7 +50,10 @@ WRITES = {
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo folder (250 cells x 16 features) whose store holds a finished run."""
     config = write_demo_inputs(
-        tmp_path_factory.mktemp("rerun") / "demo", n_cells=250, n_features=16, niters=100,
+        tmp_path_factory.mktemp("rerun") / "demo",
+        n_cells=250,
+        n_features=16,
+        niters=100,
         nsamples=NSAMPLES,
     )
     technical_fit(str(config))
@@ -108,8 +111,10 @@ def _files(store: Path, key: str) -> dict[str, tuple[int, bytes]]:
 
 def _snapshot(store: Path) -> dict[str, dict[str, tuple[int, bytes]]]:
     """The files of the groups each step writes, by step."""
-    return {step: {f: v for key in keys for f, v in _files(store, key).items()}
-            for step, keys in WRITES.items()}
+    return {
+        step: {f: v for key in keys for f, v in _files(store, key).items()}
+        for step, keys in WRITES.items()
+    }
 
 
 def _assert_complete(store: Path) -> zarr.Group:
