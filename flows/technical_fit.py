@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import Flow, flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import RunConfig
@@ -77,7 +77,7 @@ def technical_fit(
 LOCAL_CLUSTER = "local"
 
 
-def with_dask(address: str, *, n_workers: int = 2):
+def with_dask(address: str, *, n_workers: int = 2) -> Flow:
     """`technical_fit` with its tasks on a Dask cluster: a scheduler `address`
     ("tcp://host:8786"), or `LOCAL_CLUSTER` for a `distributed.LocalCluster` of `n_workers`
     single-threaded processes started (and stopped) by the flow run.

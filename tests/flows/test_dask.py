@@ -13,6 +13,7 @@ chains with a torch RNG each.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +22,24 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from bayesdream_model.distributions import FilterFlags, get_family
+from flows.cli import main
 from flows.technical_fit import with_dask
 from tasks.demo import write_demo_inputs
 from tasks.distributed import _feature_blocks, dask_flags
-from tasks.groups import GroupAssignment, assign_groups
+from tasks.groups import GroupAssignment, assign_groups, read_groups
 from tasks.prepare import filter_features, read_fit_arrays, read_flags
-from tasks.store import COMPLETE, fresh_group, inputs_key, open_root, results_key, write_array
+from tasks.store import (
+    CELLS,
+    COMPLETE,
+    fresh_group,
+    inputs_key,
+    open_root,
+    results_key,
+    write_array,
+)
 
 N_CELLS, N_FEATURES = 90, 11
 STORE_CHUNKS = (4, 16)  # several chunks along both axes, none aligned with a feature block
@@ -125,6 +135,7 @@ def screen_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, GroupAs
     present = np.ones(N_CELLS, dtype=bool)
     present[rng.choice(np.flatnonzero(groups.fit), size=3, replace=False)] = False
     root = open_root(folder / "screen.zarr", create=True)
+    write_array(root.require_group(CELLS), "sum_factor", cells["sum_factor"].to_numpy())
     for family in FAMILIES:
         _write_modality(root, family, _family_data(family, counts, groups.code, rng), present)
     return str(folder / "screen.zarr"), groups
@@ -187,7 +198,7 @@ def _two_modality_config(folder: Path) -> Path:
 
 def test_flow_runs_both_chains_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
     config = _two_modality_config(tmp_path / "demo")
-    with Client(cluster.scheduler_address) as client, client.get_task_stream() as stream:
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
         store = with_dask(cluster.scheduler_address)(str(config))
         prefixes = _task_prefixes(client)
     root = zarr.open_group(store, mode="r")
@@ -197,24 +208,40 @@ def test_flow_runs_both_chains_on_the_cluster(cluster: LocalCluster, tmp_path: P
         assert group.attrs[COMPLETE] is True
         assert group["alpha_y"].shape[0] == 10
         expected = get_family(group.attrs["distribution"]).flags(
-            read_fit_arrays(root, name, _groups(root))
+            read_fit_arrays(root, name, read_groups(root))
         )
         _assert_same(read_flags(root, name), expected)
     assert root["technical/cis"].attrs[COMPLETE] is True
     # the filters ran as Dask blocks; the two fits ran at once, one on each worker
     assert {"bayesdream-flags", "fit", "sample"} <= prefixes
-    fits = [t for t in stream.data if t["key"].startswith("fit-")]
-    assert len(fits) == 2 and len({t["worker"] for t in fits}) == 2
+    fits = [t for t in stream.data if str(t["key"]).startswith("fit-")]
+    assert len(fits) == 2, [t["key"] for t in stream.data]
+    assert len({t["worker"] for t in fits}) == 2
     (start_a, stop_a), (start_b, stop_b) = (_compute_span(t) for t in fits)
     assert start_a < stop_b and start_b < stop_a
-
-
-def _groups(root: zarr.Group) -> GroupAssignment:
-    from tasks.groups import read_groups
-
-    return read_groups(root)
 
 
 def _compute_span(task: dict) -> tuple[float, float]:
     (span,) = [s for s in task["startstops"] if s["action"] == "compute"]
     return span["start"], span["stop"]
+
+
+# -- the CLI and the PREFECT_API_URL warning (no cluster needed) ----------------------------
+def test_cli_refuses_threads_and_a_cluster_together(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_demo_inputs(tmp_path / "demo", n_cells=60, n_features=8)
+    with caplog.at_level(logging.ERROR, logger="bayesdream"):
+        status = main(["run", str(config), "--dask", "tcp://127.0.0.1:8786", "--workers", "2"])
+    assert status == 2
+    assert any("--workers 2 (threads) and --dask tcp://127.0.0.1:8786" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_remote_cluster_without_an_api_url_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), caplog.at_level(logging.WARNING):
+        flow = with_dask("tcp://192.0.2.1:8786")  # nothing is contacted before the flow runs
+    assert flow.task_runner.address == "tcp://192.0.2.1:8786"
+    assert any("PREFECT_API_URL is not set" in r.getMessage() for r in caplog.records)
