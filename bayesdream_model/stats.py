@@ -37,3 +37,16 @@ def any_group_all(condition: np.ndarray, groups: np.ndarray, n_groups: int) -> n
     hits = group_sums(condition.astype(np.float64), groups, n_groups)
     sizes = np.bincount(groups, minlength=n_groups).reshape((-1,) + (1,) * (condition.ndim - 1))
     return ((hits == sizes) & (sizes > 0)).any(axis=0)
+
+
+def constant(values: np.ndarray, *, axis: int = 0) -> np.ndarray:
+    """Standard deviation 0, tested as max == min over the non-NaN values (all-NaN: True).
+
+    The same as `std == 0` in exact arithmetic, but immune to rounding: numpy's std of a
+    constant 0.1 column is ~1e-8 or ~1e-6 depending on the array's layout.
+    """
+    with np.errstate(invalid="ignore"):
+        finite = ~np.isnan(values)
+        top = np.where(finite, values, -np.inf).max(axis=axis)
+        bottom = np.where(finite, values, np.inf).min(axis=axis)
+    return ~(top > bottom)

@@ -26,7 +26,7 @@ from bayesdream_model.distributions.effects import (
 )
 from bayesdream_model.errors import NonFiniteLikelihoodError
 from bayesdream_model.plates import Plates
-from bayesdream_model.stats import any_group_all, group_sums
+from bayesdream_model.stats import any_group_all, constant, group_sums
 
 EFFECT_SITE = "alpha_logit_y"
 P_CLAMP = 1e-6
@@ -67,7 +67,7 @@ class Binomial(Family):
             ratio = np.where(valid, y / n, np.nan)
         no_valid = ~valid.any(axis=0)
         with np.errstate(invalid="ignore"):
-            flat = np.where(no_valid, True, np.nanstd(np.where(no_valid, 0.0, ratio), axis=0) == 0)
+            flat = constant(ratio)  # over valid cells (NaN elsewhere)
         g, c = data.groups, data.n_groups
         boundary = (
             any_group_all(~valid, g, c)

@@ -27,7 +27,7 @@ from bayesdream_model.distributions.effects import (
     with_baseline,
 )
 from bayesdream_model.plates import Plates
-from bayesdream_model.stats import any_group_all, group_sums, robust_sd
+from bayesdream_model.stats import any_group_all, constant, group_sums, robust_sd
 
 EFFECT_SITE = "delta_y"
 STUDENT_DF = 3.0
@@ -48,9 +48,7 @@ class _Continuous(Family):
         finite = np.isfinite(y)
         none = ~finite.any(axis=0)
         clean = np.where(finite, y, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            flat = np.where(none, True, np.nanstd(clean, axis=0) == 0)
+        flat = constant(clean)  # over finite values
         missing_group = any_group_all(~finite, data.groups, data.n_groups)
         return FilterFlags(
             ntc_zero_count=np.nansum(clean, axis=0) == 0,

@@ -19,7 +19,7 @@ from bayesdream_model.distributions.base import DistributionSpec, Family, Filter
 from bayesdream_model.distributions.effects import sample_group_effects
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
-from bayesdream_model.stats import group_sums
+from bayesdream_model.stats import constant, group_sums
 
 EFFECT_SITE = "alpha_logits_y"
 DIRICHLET_SITE = "probs_baseline_raw"
@@ -90,7 +90,7 @@ class Multinomial(Family):
         present = group_sums(y, data.groups, data.n_groups) > 0  # [C, T, K]
         return FilterFlags(
             ntc_zero_count=y.sum(axis=(0, 2)) == 0,
-            ntc_zero_std=(ratios.std(axis=0) == 0).all(axis=-1),
+            ntc_zero_std=constant(ratios).all(axis=-1),
             ntc_single_category=present.all(axis=0).sum(axis=-1) <= 1,
         )
 

@@ -19,7 +19,7 @@ from bayesdream_model.distributions.base import (
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.plates import Plates
-from bayesdream_model.stats import group_means, group_sums, robust_sd
+from bayesdream_model.stats import constant, group_means, group_sums, robust_sd
 
 EFFECT_SITE = "log2_alpha_y"
 
@@ -170,7 +170,7 @@ class NegBinom(Family):
         y = data.y
         return FilterFlags(
             ntc_zero_count=y.sum(axis=0) == 0,
-            ntc_zero_std=y.std(axis=0) == 0,
+            ntc_zero_std=constant(y),
             ntc_single_category=np.zeros(y.shape[1], dtype=bool),
         )
 
