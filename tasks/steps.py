@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -32,6 +33,21 @@ from tasks.store import (
     prep_key,
     results_key,
 )
+
+
+def _timed(fn):
+    """A step's summary (a dict) gains its wall time in seconds, recorded in the store's
+    root attributes (`steps`) by `finalize`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        summary = result if isinstance(result, dict) else {"result": result}
+        return summary | {"seconds": round(time.perf_counter() - start, 3)}
+
+    wrapper.__annotations__ = {**fn.__annotations__, "return": dict[str, Any]}
+    return wrapper
 
 
 def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig:
@@ -150,6 +166,7 @@ def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) ->
 
 
 @task(name="ingest")
+@_timed
 def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) -> str:
     """Copy a modality's matrix into the store, chunked, in the cells table's order."""
     root, key = open_root(cfg.store), inputs_key(name)
@@ -162,6 +179,7 @@ def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) 
 
 
 @task(name="assign-groups")
+@_timed
 def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     """Technical groups from the covariates; returns the labels in code order."""
     root = open_root(cfg.store)
@@ -172,6 +190,7 @@ def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
 
 
 @task(name="filter-features")
+@_timed
 def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, int]:
     """NTC filters; returns the number of features flagged by each reason."""
     root, key = open_root(cfg.store), prep_key(name)
@@ -186,6 +205,7 @@ def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, in
 
 
 @task(name="fit")
+@_timed
 def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """SVI fit of one modality (skipped when unchanged, resumed when killed)."""
     root, key = open_root(cfg.store), fit_key(name)
@@ -197,6 +217,7 @@ def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
 
 
 @task(name="sample")
+@_timed
 def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """Posterior draws of one modality into its preallocated results (resumed when killed)."""
     root, key = open_root(cfg.store), results_key(name)

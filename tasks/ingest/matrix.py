@@ -234,6 +234,7 @@ def _copy_blocks(
         log.info(
             "Modality '%s': features %d-%d of %d written.", plan.name, start + 1, stop, n_features
         )
+        del y, n, other  # release this block before the reader builds the next one
 
 
 def _create(group: zarr.Group, name: str, plan: ModalityPlan) -> zarr.Array:

@@ -62,9 +62,9 @@ class StreamingCSRReader(MatrixReader):
                 self.indptr = np.lib.format.read_array(handle).astype(np.int64)
             with archive.open("shape.npy") as handle:
                 self.shape = tuple(int(d) for d in np.lib.format.read_array(handle))
-            with archive.open("data.npy") as handle:
-                npformat.read_magic(handle)
-                dtype = npformat.read_array_header_1_0(handle)[2]
+            header = _Stream(archive, "data.npy")  # version 1.0 or 2.0 headers
+            dtype = header.dtype
+            header.handle.close()
         if dtype.kind not in "biuf":
             raise InputDataError(
                 f"Matrix '{path}' has dtype {dtype}; expected numbers (int, float, bool)."
@@ -84,5 +84,6 @@ class StreamingCSRReader(MatrixReader):
         count = int(self.indptr[stop] - self.indptr[start])
         values, columns = data.read(count), indices.read(count)
         local = self.indptr[start : stop + 1] - self.indptr[start]
+        values = values.astype(np.float32, copy=False)  # cast the non-zeros, not the block
         rows = sp.csr_matrix((values, columns, local), shape=(stop - start, self.shape[1]))
-        return rows.toarray().astype(np.float32, copy=False)  # sums duplicates, as scipy does
+        return rows.toarray()  # float32 directly; sums duplicates, as scipy does

@@ -61,3 +61,28 @@ def test_open_matrix_streams_csr(tmp_path: Path) -> None:
     assert isinstance(reader, StreamingCSRReader)
     dense = np.concatenate([b for _, b in reader.iter_feature_blocks(8)])
     np.testing.assert_array_equal(dense, matrix.toarray())
+
+
+def test_version_2_headers_are_read(tmp_path: Path) -> None:
+    """Archives written by other tools may use .npy format 2.0 headers."""
+    import zipfile
+
+    matrix = _matrix(2)
+    path = tmp_path / "v2.npz"
+    members = {
+        "data": matrix.data,
+        "indices": matrix.indices,
+        "indptr": matrix.indptr,
+        "format": np.array(b"csr"),
+        "shape": np.array(matrix.shape),
+    }
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, value in members.items():
+            with archive.open(f"{name}.npy", "w") as handle:
+                np.lib.format.write_array(handle, value, version=(2, 0))
+    assert is_streamable(path)
+    reader = open_matrix(
+        path, features=[f"g{i}" for i in range(37)], cells=[f"c{j}" for j in range(53)]
+    )
+    dense = np.concatenate([b for _, b in reader.iter_feature_blocks(10)])
+    np.testing.assert_array_equal(dense, matrix.toarray())

@@ -335,3 +335,29 @@ def test_summary_of_a_modality_without_results_lists_the_others(cis_store: zarr.
 def test_summary_refuses_the_cis_group(cis_store: zarr.Group) -> None:
     with pytest.raises(StoreError, match=r"'technical/cis' holds the cis feature's draws"):
         summarize(str(Path(cis_store.store.root)), "cis")
+
+
+def test_out_of_memory_halves_the_batch_and_logs(
+    monkeypatch: pytest.MonkeyPatch, plain_store: zarr.Group, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that runs out of memory is drawn again as two halves; nothing is lost."""
+    real = sampling.draw_range
+    failed: list[tuple[int, int]] = []
+
+    def flaky(fitted, start, stop, *, seed, parallel):
+        if stop - start > 5:
+            failed.append((start, stop))
+            raise MemoryError("simulated")
+        return real(fitted, start, stop, seed=seed, parallel=parallel)
+
+    monkeypatch.setattr(sampling, "draw_range", flaky)
+    with caplog.at_level("WARNING"):
+        sample_modality(
+            plain_store, "gene", SampleRequest(nsamples=NSAMPLES, minibatch_size=NSAMPLES)
+        )
+    assert failed and failed[0] == (0, NSAMPLES)
+    assert "Out of memory" in caplog.text and "retrying as" in caplog.text
+    group = plain_store[results_key("gene")]
+    assert group.attrs[COMPLETE] is True
+    fit = ~group["ntc_excluded_from_fit"][...]
+    assert np.isfinite(group["alpha_y_add"][...][..., fit]).all()

@@ -1,0 +1,852 @@
+"""Benchmark: ingestion and filtering of a screen larger than memory, from a sparse .npz.
+
+Goal of the issue: "Screens larger than memory: 200,000 cells (80,000 NTC) x 30,000
+genes, ~90 % zeros, sparse input: ingestion and filtering with peak RSS <= 3 GB".
+
+1. **Simulated inputs, never held whole.** `counts.npz` is a scipy.sparse CSR archive
+   (features x cells, the `save_npz` layout: a zip of `indices.npy`, `indptr.npy`,
+   `format.npy` (b'csr'), `shape.npy`, `data.npy`) written member by member, one block
+   of gene rows at a time. Every block's content comes from its own seeded RNG, so it is
+   regenerated identically for each member (pass 0: per-row counts -> `indptr` and nnz;
+   pass 1: `indices`; pass 2: `data`). Non-zero pattern: each gene g is non-zero in a
+   cell with probability p_g (log-normal around `--density`, a few all-zero genes so that
+   the filters flag something); a non-zero count is 1 + Poisson(lambda_g * sum_factor).
+   Alongside: `cells.csv` (cell, target with `--ntc` 'ntc' cells, cell_line with 3
+   values, sum_factor), `features.txt` and `cells.txt` (name files).
+2. **Two stages, each in a fresh subprocess** (so its peak RSS is its own), calling the
+   pipeline's functions as `tasks/steps.py` does (no Prefect):
+   - `ingest`: fingerprints (the flow hashes every input file first), pre-flight
+     (`read_cells_table` + `check_modality`), create-store (`open_root` + `write_cells`),
+     `ingest_modality`;
+   - `filter`: `assign_groups_in_store` + `filter_features(root, m, read_groups(root))`.
+   Each records wall and CPU time per step, peak RSS from a psutil sampler thread
+   (`--sample-interval`, default 50 ms) and `ru_maxrss`.
+3. **Output**: a table and a JSON file (default `benchmarks/results/large_ingest.json`)
+   with sizes, nnz, npz size on disk, store size, per-stage wall and peak RSS, the 3 GB
+   target (3e9 bytes) pass/fail, and the machine (CPUs, RAM, load average).
+
+Run:  .venv/bin/python benchmarks/bench_large_ingest.py             # full size
+      .venv/bin/python benchmarks/bench_large_ingest.py --cells 20000 --ntc 8000 \
+          --genes 3000 --verify --out /tmp/large_ingest.json        # small, checked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "large_ingest.json"
+MODALITY = "gene"
+CELL_LINES = ("HEK293T", "K562", "THP1")
+MIB = 1024**2
+TARGET_BYTES = 3e9  # "peak RSS <= 3 GB"
+STAGES = ("ingest", "filter")
+WORKERS = ("generate", *STAGES)
+
+
+# ---------------------------------------------------------------------------------------
+# Machine and memory helpers
+# ---------------------------------------------------------------------------------------
+def ru_maxrss_bytes() -> int:
+    """Peak RSS of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def vm_hwm_bytes() -> int | None:
+    """This process's own RSS high-water mark (VmHWM, reset at exec; Linux only).
+
+    `ru_maxrss` is not reset at exec: a child starts from the high-water mark of the
+    process it was spawned from, which is why the parent of the workers stays lean.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository (read only)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_description(workdir: Path) -> dict[str, Any]:
+    from importlib.metadata import version  # not imported: the parent stays lean
+
+    import psutil
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    vm = psutil.virtual_memory()
+    disk = shutil.disk_usage(workdir)
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": version("scipy"),
+        "zarr": version("zarr"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "ram_total_gb": round(vm.total / 1e9, 2),
+        "ram_available_gb_at_start": round(vm.available / 1e9, 2),
+        "workdir_disk_free_gb_at_start": round(disk.free / 1e9, 1),
+        "load_average_at_start": load_average(),
+        "git_commit": git_commit(),
+    }
+
+
+class RssSampler:
+    """This process's RSS, sampled by a background thread; peak over any time window."""
+
+    def __init__(self, interval: float) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (perf_counter, rss bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.process.memory_info().rss))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, start: float = -math.inf, stop: float = math.inf) -> int | None:
+        samples = list(self.samples)
+        values = [rss for t, rss in samples if start <= t <= stop]
+        if not values:  # a window shorter than the interval: the last sample before it ends
+            values = [rss for t, rss in samples if t <= stop][-1:]
+        return max(values) if values else None
+
+
+def mb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else round(nbytes / MIB, 1)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (what the store takes on disk, apparent size)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# The simulated screen, streamed to disk
+# ---------------------------------------------------------------------------------------
+class Screen:
+    """Per-gene and per-cell parameters (small), and per-block sparse content (regenerable)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.n_genes, self.n_cells, self.seed = args.genes, args.cells, args.seed
+        self.block_rows = args.gen_block
+        self.dtype = np.dtype("<i4") if args.dtype == "int32" else np.dtype("<f4")
+        rng = np.random.default_rng([args.seed, 0])
+        sigma = 1.0
+        p = args.density * rng.lognormal(-0.5 * sigma**2, sigma, args.genes)
+        zero = rng.random(args.genes) < args.zero_genes
+        p[zero] = 0.0
+        for _ in range(5):  # mean p = density after clipping at 0.95
+            live = p > 0
+            p[live] *= args.density / max(p.mean(), 1e-12)
+            p = np.clip(p, 0.0, 0.95)
+        self.p = p
+        self.lam = rng.lognormal(0.0, 1.0, args.genes)  # extra counts above 1 (mean)
+        # The cells table (small): ids, targets, cell lines, size factors, in table order.
+        cell_rng = np.random.default_rng([args.seed, 1])
+        n_targeting = args.cells - args.ntc
+        self.targets = np.array(
+            ["ntc"] * args.ntc + [f"TG{j % args.targets:05d}" for j in range(n_targeting)]
+        )
+        cell_rng.shuffle(self.targets)
+        self.cell_ids = np.array([f"C{i:07d}" for i in range(args.cells)])
+        self.cell_lines = cell_rng.choice(np.array(CELL_LINES), args.cells)
+        self.table_sum_factor = cell_rng.lognormal(0.0, 0.25, args.cells)
+        self.table_sum_factor /= self.table_sum_factor.mean()
+        # The matrix's columns: the table's order, or (--shuffle-cells) a permutation of
+        # it, which makes ingestion scatter every block into table order.
+        order = cell_rng.permutation(args.cells) if args.shuffle_cells else np.arange(args.cells)
+        self.matrix_cells = self.cell_ids[order]
+        self.sum_factor = self.table_sum_factor[order]  # per matrix column
+        self.n_blocks = math.ceil(self.n_genes / self.block_rows)
+
+    def rows(self, b: int) -> range:
+        return range(b * self.block_rows, min((b + 1) * self.block_rows, self.n_genes))
+
+    def _columns(self, rng: np.random.Generator, p: float) -> np.ndarray:
+        """Sorted non-zero columns of one row: a Bernoulli(p) process via geometric gaps."""
+        n = self.n_cells
+        if p <= 0.0:
+            return np.empty(0, dtype=np.int64)
+        expected = n * p
+        m = int(expected + 8.0 * math.sqrt(expected * (1.0 - p)) + 16)
+        pos = np.cumsum(rng.geometric(p, m)) - 1
+        while pos[-1] < n:  # (practically never) not past the end yet: draw more gaps
+            more = np.cumsum(rng.geometric(p, m)) + pos[-1]
+            pos = np.concatenate([pos, more])
+        return pos[: np.searchsorted(pos, n)]
+
+    def block(self, b: int, *, values: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(nnz per row, column indices, values or None) of block b, identical every call."""
+        rng = np.random.default_rng([self.seed, 2, b])
+        cols = [self._columns(rng, float(self.p[g])) for g in self.rows(b)]
+        counts = np.array([len(c) for c in cols], dtype=np.int64)
+        columns = np.concatenate(cols) if cols else np.empty(0, dtype=np.int64)
+        data = None
+        if values:
+            vrng = np.random.default_rng([self.seed, 3, b])
+            lam_rep = np.repeat(self.lam[self.rows(b).start : self.rows(b).stop], counts)
+            data = (1 + vrng.poisson(lam_rep * self.sum_factor[columns])).astype(self.dtype)
+        return counts, columns, data
+
+
+def _prefetched(fn, n: int):
+    """fn(0), fn(1), ... with the next one computed in a thread while the caller works."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(fn, 0) if n else None
+        for i in range(n):
+            result = future.result()
+            if i + 1 < n:
+                future = pool.submit(fn, i + 1)
+            yield result
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, length: int, chunks) -> None:
+    """One .npy member: a version 1.0 header (as np.save writes), then the values in order."""
+    written = 0
+    with zf.open(name, "w", force_zip64=True) as handle:
+        header = {
+            "descr": npformat.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": (length,),
+        }
+        npformat.write_array_header_1_0(handle, header)
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype=dtype)
+            handle.write(memoryview(chunk).cast("B"))
+            written += chunk.size
+    if written != length:
+        raise RuntimeError(f"{name}: wrote {written} values, header says {length}")
+
+
+def _write_small(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with zf.open(name, "w") as handle:
+        npformat.write_array(handle, np.asanyarray(array), allow_pickle=False)
+
+
+def write_npz(screen: Screen, path: Path, *, compression: int, level: int | None, log) -> dict:
+    """The CSR archive, streamed: three passes over regenerated blocks."""
+    timings = {}
+    t0 = time.perf_counter()
+    indptr = np.zeros(screen.n_genes + 1, dtype=np.int64)
+    for b in range(screen.n_blocks):  # pass 0: the pattern only
+        counts, _, _ = screen.block(b, values=False)
+        rows = screen.rows(b)
+        indptr[rows.start + 1 : rows.stop + 1] = counts
+    indptr = np.cumsum(indptr)
+    nnz = int(indptr[-1])
+    timings["pass0_indptr_s"] = round(time.perf_counter() - t0, 1)
+    log(f"  pass 0 (indptr): nnz = {nnz:,} in {timings['pass0_indptr_s']} s")
+    big = nnz > np.iinfo(np.int32).max or screen.n_cells > np.iinfo(np.int32).max
+    index_dtype = np.dtype("<i8") if big else np.dtype("<i4")  # as scipy chooses
+    kwargs = {"compresslevel": level} if compression == zipfile.ZIP_DEFLATED else {}
+    with zipfile.ZipFile(path, "w", compression=compression, allowZip64=True, **kwargs) as zf:
+        t0 = time.perf_counter()
+        _write_member(
+            zf,
+            "indices.npy",
+            index_dtype,
+            nnz,
+            (
+                c
+                for _, c, _ in _prefetched(lambda b: screen.block(b, values=False), screen.n_blocks)
+            ),
+        )
+        timings["pass1_indices_s"] = round(time.perf_counter() - t0, 1)
+        log(f"  pass 1 (indices): {timings['pass1_indices_s']} s")
+        _write_small(zf, "indptr.npy", indptr.astype(index_dtype))
+        _write_small(zf, "format.npy", np.array(b"csr"))
+        _write_small(zf, "shape.npy", np.array([screen.n_genes, screen.n_cells], dtype=np.int64))
+        t0 = time.perf_counter()
+        _write_member(
+            zf,
+            "data.npy",
+            screen.dtype,
+            nnz,
+            (d for _, _, d in _prefetched(lambda b: screen.block(b, values=True), screen.n_blocks)),
+        )
+        timings["pass2_data_s"] = round(time.perf_counter() - t0, 1)
+        log(f"  pass 2 (data): {timings['pass2_data_s']} s")
+    return {"nnz": nnz, "index_dtype": str(index_dtype), **timings}
+
+
+def write_inputs(args: argparse.Namespace, inputs: Path, log) -> dict[str, Any]:
+    """cells.csv, features.txt, cells.txt and counts.npz; nothing held whole."""
+    import pandas as pd
+
+    inputs.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    screen = Screen(args)
+    pd.DataFrame(
+        {
+            "cell": screen.cell_ids,
+            "target": screen.targets,
+            "cell_line": screen.cell_lines,
+            "sum_factor": np.round(screen.table_sum_factor, 6),
+        }
+    ).to_csv(inputs / "cells.csv", index=False)
+    (inputs / "cells.txt").write_text("\n".join(screen.matrix_cells) + "\n")
+    (inputs / "features.txt").write_text(
+        "\n".join(f"GENE{g:05d}" for g in range(args.genes)) + "\n"
+    )
+    compression = zipfile.ZIP_STORED if args.stored else zipfile.ZIP_DEFLATED
+    info = write_npz(
+        screen,
+        inputs / "counts.npz",
+        compression=compression,
+        level=None if args.compresslevel < 0 else args.compresslevel,
+        log=log,
+    )
+    npz_bytes = (inputs / "counts.npz").stat().st_size
+    return {
+        "n_cells": args.cells,
+        "n_ntc_cells": args.ntc,
+        "n_genes": args.genes,
+        "density_requested": args.density,
+        "nnz": info["nnz"],
+        "density": round(info["nnz"] / (args.genes * args.cells), 5),
+        "all_zero_genes": int((screen.p == 0).sum()),
+        "dtype": str(screen.dtype),
+        "index_dtype": info["index_dtype"],
+        "compression": "stored"
+        if args.stored
+        else (
+            f"deflate (level {args.compresslevel})"
+            if args.compresslevel >= 0
+            else "deflate (zlib default level)"
+        ),
+        "shuffle_cells": args.shuffle_cells,
+        "seed": args.seed,
+        "npz_bytes": npz_bytes,
+        "npz_gb": round(npz_bytes / 1e9, 3),
+        "npz_uncompressed_gb": round(info["nnz"] * (screen.dtype.itemsize + 4) / 1e9, 3),
+        "write_seconds": round(time.perf_counter() - t_start, 1),
+        "write_passes_seconds": {k: v for k, v in info.items() if k.endswith("_s")},
+        "format": (
+            "cells.csv + counts.npz (CSR features x cells, save_npz layout, streamed) "
+            "+ features.txt + cells.txt"
+        ),
+    }
+
+
+def inputs_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What the inputs depend on (to reuse them from an earlier run in --workdir)."""
+    keys = ("cells", "ntc", "genes", "density", "zero_genes", "targets", "seed", "dtype")
+    keys += ("stored", "compresslevel", "gen_block", "shuffle_cells")
+    return {k: getattr(args, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------
+# Workers (fresh subprocesses)
+# ---------------------------------------------------------------------------------------
+def run_config(workdir: Path):
+    from tasks.config import config_from_dict
+
+    inputs = workdir / "inputs"
+    return config_from_dict(
+        {
+            "store": str(workdir / "store.zarr"),
+            "cells": str(inputs / "cells.csv"),
+            "covariates": ["cell_line"],
+            "modalities": {
+                MODALITY: {
+                    "distribution": "negbinom",
+                    "counts": str(inputs / "counts.npz"),
+                    "features": str(inputs / "features.txt"),
+                    "cells": str(inputs / "cells.txt"),
+                }
+            },
+        },
+        workdir,
+    )
+
+
+class Steps:
+    """Times steps within a worker: wall, CPU, sampled RSS peak, ru_maxrss after."""
+
+    def __init__(self, sampler: RssSampler) -> None:
+        self.sampler, self.records = sampler, []
+
+    def run(self, name: str, fn, *a, **kw):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        result = fn(*a, **kw)
+        t1 = time.perf_counter()
+        time.sleep(0.06)  # one more sample inside the window's tail
+        self.records.append(
+            {
+                "step": name,
+                "wall_s": round(t1 - t0, 2),
+                "cpu_s": round(cpu_seconds() - c0, 2),
+                "rss_peak_mb": mb(self.sampler.peak(t0, t1 + 0.06)),
+                "ru_maxrss_after_mb": mb(ru_maxrss_bytes()),
+            }
+        )
+        logging.getLogger("bench").info("step %s: %.1f s", name, t1 - t0)
+        return result
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One stage in this (fresh) process; writes its record to --result."""
+    if args.worker == "generate":
+        inputs = Path(args.workdir) / "inputs"
+
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+
+        screen = write_inputs(args, inputs, log)
+        screen["generator_peak_rss_mb"] = mb(vm_hwm_bytes())
+        Path(args.result).write_text(json.dumps(screen, indent=2))
+        return
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    t_import = time.perf_counter()
+    # Import what the stage needs before measuring (as a flow process has them imported).
+    from tasks.config import RunConfig  # noqa: F401
+    from tasks.fingerprint import fingerprints
+    from tasks.groups import assign_groups_in_store, read_groups
+    from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
+    from tasks.prepare import filter_features
+    from tasks.store import open_root
+
+    workdir = Path(args.workdir)
+    rss_after_import = __import__("psutil").Process().memory_info().rss
+    record: dict[str, Any] = {
+        "stage": args.worker,
+        "import_s": round(time.perf_counter() - t_import, 2),
+        "rss_after_imports_mb": mb(rss_after_import),
+        "load_average_before": load_average(),
+    }
+    cfg = run_config(workdir)
+    log = logging.getLogger("bench.pipeline")
+    with RssSampler(args.sample_interval) as sampler:
+        steps = Steps(sampler)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        if args.worker == "ingest":
+            if not args.skip_fingerprint:
+                steps.run("fingerprints", fingerprints, cfg)
+
+            def preflight():
+                table = read_cells_table(cfg)
+                return check_modality(cfg, MODALITY, table["cell"].to_numpy())
+
+            plan = steps.run("preflight", preflight)
+
+            def create_store():
+                root = open_root(cfg.store, create=True)
+                write_cells(root, read_cells_table(cfg), cfg.covariates, cfg.sum_factor_col)
+                return root
+
+            root = steps.run("create_store", create_store)
+            steps.run("ingest", ingest_modality, root, cfg, MODALITY, plan, log)
+        else:
+            root = open_root(cfg.store)
+            steps.run(
+                "assign_groups",
+                assign_groups_in_store,
+                root,
+                use_all_cells=cfg.use_all_cells,
+                policy=cfg.groups_without_ntc,
+            )
+            flags = steps.run(
+                "filter_features", lambda: filter_features(root, MODALITY, read_groups(root), log)
+            )
+            record["flags"] = {k: int(v.sum()) for k, v in flags.as_dict().items()}
+        t1 = time.perf_counter()
+        record.update(
+            {
+                "wall_s": round(t1 - t0, 2),
+                "cpu_s": round(cpu_seconds() - c0, 2),
+                "rss_peak_sampled_mb": mb(sampler.peak()),
+                "n_rss_samples": len(sampler.samples),
+            }
+        )
+    record["ru_maxrss_mb"] = mb(ru_maxrss_bytes())
+    record["vm_hwm_mb"] = mb(vm_hwm_bytes())
+    record["peak_rss_mb"] = max(
+        record["ru_maxrss_mb"], record["vm_hwm_mb"] or 0, record["rss_peak_sampled_mb"] or 0
+    )
+    record["steps"] = steps.records
+    record["load_average_after"] = load_average()
+    Path(args.result).write_text(json.dumps(record, indent=2))
+
+
+def _follow(logfile: Path, proc: subprocess.Popen, log) -> None:
+    """Echo a worker's log lines while it runs."""
+    with open(logfile) as handle:
+        while True:
+            line = handle.readline()
+            if line:
+                log(line.rstrip())
+            elif proc.poll() is not None:
+                return
+            else:
+                time.sleep(0.5)
+
+
+def run_worker(args: argparse.Namespace, stage: str, workdir: Path, log) -> dict[str, Any]:
+    """The stage in a fresh subprocess (own process group), killed after --timeout."""
+    result = workdir / f"{stage}.result.json"
+    result.unlink(missing_ok=True)
+    logfile = workdir / f"{stage}.log"
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        stage,
+        "--workdir",
+        str(workdir),
+        "--result",
+        str(result),
+        "--sample-interval",
+        str(args.sample_interval),
+    ]
+    if args.skip_fingerprint:
+        cmd.append("--skip-fingerprint")
+    if stage == "generate":  # the screen's parameters
+        for key, value in inputs_key(args).items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                cmd += [flag] if value else []
+            else:
+                cmd += [flag, str(value)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    with open(logfile, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
+        if stage == "generate":  # show its progress
+            follow = threading.Thread(target=_follow, args=(logfile, proc, log), daemon=True)
+            follow.start()
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = "timeout"
+        if stage == "generate":
+            follow.join()
+    elapsed = round(time.perf_counter() - t0, 1)
+    tail = logfile.read_text().splitlines()[-15:]
+    if rc != 0 or not result.exists():
+        log(f"  {stage}: FAILED (rc={rc}) after {elapsed} s; log tail:\n    " + "\n    ".join(tail))
+        return {"stage": stage, "ok": False, "rc": rc, "process_wall_s": elapsed, "log_tail": tail}
+    record = json.loads(result.read_text())
+    if stage != "generate":
+        record.update({"ok": True, "process_wall_s": elapsed})
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Verification (small sizes only): the streamed archive and the store hold the screen
+# ---------------------------------------------------------------------------------------
+def verify(args: argparse.Namespace, workdir: Path, log) -> dict[str, Any]:
+    import pandas as pd
+    import scipy.sparse as sp
+    import zarr
+
+    inputs = workdir / "inputs"
+    screen = Screen(args)
+    parts = [screen.block(b, values=True) for b in range(screen.n_blocks)]
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate([c for c, _, _ in parts]))])
+    expected = sp.csr_matrix(
+        (
+            np.concatenate([d for _, _, d in parts]),
+            np.concatenate([c for _, c, _ in parts]),
+            indptr,
+        ),
+        shape=(args.genes, args.cells),
+    )
+    loaded = sp.load_npz(inputs / "counts.npz")
+    same_npz = bool(
+        loaded.shape == expected.shape
+        and loaded.dtype == expected.dtype
+        and (loaded != expected).nnz == 0
+        and loaded.has_sorted_indices
+    )
+    table = pd.read_csv(inputs / "cells.csv", dtype={"cell": str, "target": str})
+    matrix_cells = (inputs / "cells.txt").read_text().split()
+    order = pd.Index(matrix_cells).get_indexer(table["cell"])  # table column -> matrix column
+    dense = loaded.toarray()[:, order].astype(np.float32)
+    root = zarr.open_group(str(workdir / "store.zarr"), mode="r")
+    stored = root[f"inputs/{MODALITY}/counts"][...]
+    same_store = bool(np.array_equal(stored, dense))
+    ntc = (table["target"] == "ntc").to_numpy()
+    y = dense[:, ntc]
+    flags = root[f"prep/{MODALITY}"]
+    same_flags = bool(
+        np.array_equal(flags["ntc_zero_count"][...], y.sum(axis=1) == 0)
+        and np.array_equal(flags["ntc_zero_std"][...], y.std(axis=1) == 0)
+    )
+    out = {"npz_matches_generator": same_npz, "store_matches_npz": same_store}
+    out["filter_flags_match_dense"] = same_flags
+    log(f"  verify: {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+def fmt_gb(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib * MIB / 1e9:.2f}"
+
+
+def table_text(report: dict[str, Any]) -> str:
+    s = report["screen"]
+    lines = [
+        f"Screen: {s['n_cells']:,} cells ({s['n_ntc_cells']:,} NTC) x {s['n_genes']:,} genes, "
+        f"nnz {s['nnz']:,} (density {s['density']:.3f}, {s['dtype']}), "
+        f"npz {s['npz_gb']:.2f} GB on disk ({s['compression']}; "
+        f"{s['npz_uncompressed_gb']:.2f} GB uncompressed), written in {s['write_seconds']} s "
+        f"(generator peak RSS {fmt_gb(s.get('generator_peak_rss_mb'))} GB)",
+        f"Store: {report.get('store_gb', '-')} GB on disk "
+        f"(counts [{s['n_genes']} x {s['n_cells']}] float32 = "
+        f"{s['n_genes'] * s['n_cells'] * 4 / 1e9:.1f} GB dense)",
+        "",
+        f"{'stage / step':<24}{'wall s':>9}{'cpu s':>9}{'peak RSS GB':>13}{'ru_maxrss GB':>14}"
+        f"{'<= 3 GB':>9}",
+    ]
+    for stage in STAGES:
+        r = report["stages"].get(stage)
+        if r is None:
+            continue
+        if not r.get("ok"):
+            lines.append(f"{stage:<24}{'FAILED (rc=' + str(r.get('rc')) + ')':>40}")
+            continue
+        ok = "PASS" if r["peak_rss_mb"] * MIB <= TARGET_BYTES else "FAIL"
+        lines.append(
+            f"{stage:<24}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{fmt_gb(r['peak_rss_mb']):>13}"
+            f"{fmt_gb(r['ru_maxrss_mb']):>14}{ok:>9}"
+        )
+        for step in r["steps"]:
+            lines.append(
+                f"  {step['step']:<22}{step['wall_s']:>9.1f}{step['cpu_s']:>9.1f}"
+                f"{fmt_gb(step['rss_peak_mb']):>13}{fmt_gb(step['ru_maxrss_after_mb']):>14}"
+            )
+        lines.append(
+            f"  (process {r['process_wall_s']} s incl. imports {r['import_s']} s; "
+            f"RSS after imports {fmt_gb(r['rss_after_imports_mb'])} GB)"
+        )
+    lines.append(
+        f"(peak RSS: stage rows = max of the psutil samples (every "
+        f"{report['args']['sample_interval'] * 1000:.0f} ms), VmHWM and ru_maxrss of the "
+        "stage's process; step rows = sampled peak within the step, ru_maxrss after it)"
+    )
+    if "flags" in report["stages"].get("filter", {}):
+        lines.append(f"Filter flags: {report['stages']['filter']['flags']}")
+    m = report["machine"]
+    lines.append(
+        f"Target peak RSS <= 3 GB (3e9 bytes) in every stage: "
+        f"{'PASS' if report.get('target_pass') else 'FAIL'}"
+    )
+    lines.append(
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs (affinity {m['cpu_affinity']}), "
+        f"RAM {m['ram_total_gb']} GB ({m['ram_available_gb_at_start']} GB available at start); "
+        f"load average start {m['load_average_at_start']}, end {report.get('load_average_end')}"
+    )
+    lines.append(f"Total benchmark time: {report.get('total_seconds')} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cells", type=int, default=200_000)
+    p.add_argument("--ntc", type=int, default=80_000, help="cells with target 'ntc'")
+    p.add_argument("--genes", type=int, default=30_000)
+    p.add_argument("--density", type=float, default=0.10, help="fraction of non-zero counts")
+    p.add_argument("--zero-genes", type=float, default=0.005, help="fraction of all-zero genes")
+    p.add_argument("--targets", type=int, default=2000, help="distinct targeting perturbations")
+    p.add_argument("--dtype", choices=("int32", "float32"), default="int32", help="npz data")
+    p.add_argument("--stored", action="store_true", help="ZIP_STORED (save_npz compressed=False)")
+    p.add_argument("--compresslevel", type=int, default=-1, help="deflate level; -1: zlib's (6)")
+    p.add_argument("--shuffle-cells", action="store_true", help="matrix columns != table order")
+    p.add_argument("--gen-block", type=int, default=256, help="gene rows per generated block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-fingerprint", action="store_true", help="skip hashing the inputs")
+    p.add_argument("--sample-interval", type=float, default=0.05, help="RSS sampling (s)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per stage")
+    p.add_argument("--verify", action="store_true", help="check npz/store/flags (small only)")
+    p.add_argument("--force", action="store_true", help="run even if the disk looks too small")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--workdir", type=Path, help="keep inputs/store here (reused if they match)")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not 0 < args.ntc <= args.cells:
+        p.error("--ntc must be in 1..--cells")
+    if not 0 < args.density < 1:
+        p.error("--density must be in (0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
+    keep = args.workdir is not None
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_large_ingest_", dir="/tmp"))
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "large_ingest",
+        "goal": "ingestion and filtering of a 200,000 x 30,000 sparse screen with peak RSS <= 3 GB",
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("worker", "result")
+        },
+        "machine": machine_description(workdir),
+    }
+    # Disk: the npz (~nnz x 8 B x compression) plus the store (measured ~1-2 B per cell x gene).
+    nnz_est = args.cells * args.genes * args.density
+    need = nnz_est * 8 * (1.0 if args.stored else 0.6) + args.cells * args.genes * 0.5
+    free = shutil.disk_usage(workdir).free
+    report["disk_estimate_gb"] = round(need / 1e9, 1)
+    log(f"workdir {workdir}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed (estimate)")
+    if need * 1.2 > free and not args.force:
+        log("not enough disk space: lower --cells/--genes or pass --force")
+        return 2
+    inputs = workdir / "inputs"
+    meta = inputs / "meta.json"
+    try:
+        if meta.exists() and json.loads(meta.read_text()).get("key") == inputs_key(args):
+            report["screen"] = json.loads(meta.read_text())["screen"]
+            log("reusing the inputs in the workdir")
+        else:
+            log(
+                f"writing inputs: {args.cells:,} cells ({args.ntc:,} NTC) x {args.genes:,} genes, "
+                f"density {args.density}"
+            )
+            report["screen"] = run_worker(args, "generate", workdir, log)
+            if report["screen"].get("ok") is False:
+                raise SystemExit("generating the inputs failed")
+            meta.write_text(json.dumps({"key": inputs_key(args), "screen": report["screen"]}))
+        s = report["screen"]
+        log(f"counts.npz: nnz {s['nnz']:,}, {s['npz_gb']} GB, in {s['write_seconds']} s")
+        shutil.rmtree(workdir / "store.zarr", ignore_errors=True)
+        report["stages"] = {}
+        for stage in STAGES:
+            log(f"stage {stage} (fresh subprocess) ...")
+            report["stages"][stage] = run_worker(args, stage, workdir, log)
+            r = report["stages"][stage]
+            if r.get("ok"):
+                log(f"  {stage}: {r['wall_s']} s, peak RSS {fmt_gb(r['peak_rss_mb'])} GB")
+            else:
+                break
+        if (workdir / "store.zarr").exists():
+            store_bytes = tree_bytes(workdir / "store.zarr")
+            report["store_bytes"] = store_bytes
+            report["store_gb"] = round(store_bytes / 1e9, 3)
+        done = [r for r in report["stages"].values() if r.get("ok")]
+        report["target_bytes"] = TARGET_BYTES
+        report["target_pass"] = len(done) == len(STAGES) and all(
+            r["peak_rss_mb"] * MIB <= TARGET_BYTES for r in done
+        )
+        if args.verify and len(done) == len(STAGES):
+            report["verify"] = verify(args, workdir, log)
+        report["load_average_end"] = load_average()
+        report["total_seconds"] = round(time.perf_counter() - started, 1)
+        text = table_text(report)
+        report["table"] = text.splitlines()
+        print("\n" + text, flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.out}")
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    ok = report.get("target_pass") and all(report.get("verify", {}).values() or [True])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
