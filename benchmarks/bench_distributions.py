@@ -39,17 +39,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +58,15 @@ REPO = HERE.parent
 for _path in (str(REPO), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+from machine import (  # noqa: E402  (benchmarks/ on the path first)
+    RssSampler,
+    cpu_affinity,
+    cpu_model,
+    load_average,
+    mb,
+    ru_maxrss_bytes,
+)
 
 # ---------------------------------------------------------------------------------------
 # Machine, load, memory and stage-timing helpers
@@ -76,30 +82,6 @@ FLOW_STAGES = (
     "finalize",
 )
 SOURCE_DIRS = ("bayesdream_model", "tasks", "flows", "benchmarks/baselines.py")
-
-
-def ru_maxrss_mb() -> float:
-    """Peak RSS of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_state() -> dict[str, Any]:
@@ -127,10 +109,7 @@ def machine_description() -> dict[str, Any]:
     import pyro
     import torch
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
+    affinity = cpu_affinity()
     vm = psutil.virtual_memory()
     return {
         "hostname": platform.node(),
@@ -148,40 +127,6 @@ def machine_description() -> dict[str, Any]:
         "load_average_at_start": load_average(),
         "git_at_start": git_state(),
     }
-
-
-class RssSampler:
-    """Samples this process's RSS in a background thread; peak over any time window."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval = interval
-        self.samples: list[tuple[float, float]] = []  # (perf_counter, rss MiB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.process.memory_info().rss / MIB))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self, start: float = -math.inf, stop: float = math.inf) -> float | None:
-        """Largest sampled RSS (MiB) in [start, stop]."""
-        samples = list(self.samples)
-        values = [rss for t, rss in samples if start <= t <= stop]
-        if not values:  # a window shorter than the interval: the last sample before it ends
-            values = [rss for t, rss in samples if t <= stop][-1:]
-        return round(max(values), 1) if values else None
 
 
 def timed_task(original, label: str, records: list[dict[str, Any]]):
@@ -418,8 +363,8 @@ def worker_steps(args: argparse.Namespace) -> dict[str, Any]:
         "setup_and_first_step_seconds": round(stamps[0] - t0, 2) if stamps else None,
         "total_seconds": round(t1 - t0, 2),
         "final_loss": float(fitted.svi.losses[-1]),
-        "rss_peak_mb": rss.peak(t0, t1),
-        "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
+        "rss_peak_mb": mb(rss.peak(t0, t1)),
+        "ru_maxrss_mb": mb(ru_maxrss_bytes()),
         "load_average_at_end": load_average(),
     }
 
@@ -467,7 +412,7 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
     for rec in records:
         stages[rec["stage"]] = {
             "seconds": round(rec["stop"] - rec["start"], 2),
-            "rss_peak_mb": rss.peak(rec["start"], rec["stop"]),
+            "rss_peak_mb": mb(rss.peak(rec["start"], rec["stop"])),
         }
     attrs = dict(zarr.open_group(store, mode="r")[f"technical/{args.dist}"].attrs)
     return {
@@ -483,8 +428,8 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
         "device": attrs["device"],
         "sampling_batch_size": int(attrs["sampling_batch_size"]),
         "torch_threads_after_flow": torch.get_num_threads(),
-        "rss_peak_mb": rss.peak(t0, t1),
-        "ru_maxrss_mb": round(ru_maxrss_mb(), 1),
+        "rss_peak_mb": mb(rss.peak(t0, t1)),
+        "ru_maxrss_mb": mb(ru_maxrss_bytes()),
         "load_average_at_end": load_average(),
     }
 

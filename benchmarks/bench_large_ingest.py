@@ -56,11 +56,21 @@ from numpy.lib import format as npformat
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from machine import (  # noqa: E402  (benchmarks/ on the path first)
+    MIB,
+    RssSampler,
+    cpu_affinity,
+    cpu_model,
+    load_average,
+    mb,
+    ru_maxrss_bytes,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "large_ingest.json"
 MODALITY = "gene"
 CELL_LINES = ("HEK293T", "K562", "THP1")
-MIB = 1024**2
 TARGET_BYTES = 3e9  # "peak RSS <= 3 GB"
 STAGES = ("ingest", "filter")
 WORKERS = ("generate", *STAGES)
@@ -69,11 +79,6 @@ WORKERS = ("generate", *STAGES)
 # ---------------------------------------------------------------------------------------
 # Machine and memory helpers
 # ---------------------------------------------------------------------------------------
-def ru_maxrss_bytes() -> int:
-    """Peak RSS of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def vm_hwm_bytes() -> int | None:
     """This process's own RSS high-water mark (VmHWM, reset at exec; Linux only).
 
@@ -94,23 +99,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def git_commit() -> str | None:
     """HEAD of the repository (read only)."""
     try:
@@ -127,10 +115,7 @@ def machine_description(workdir: Path) -> dict[str, Any]:
 
     import psutil
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
+    affinity = cpu_affinity()
     vm = psutil.virtual_memory()
     disk = shutil.disk_usage(workdir)
     return {
@@ -149,43 +134,6 @@ def machine_description(workdir: Path) -> dict[str, Any]:
         "load_average_at_start": load_average(),
         "git_commit": git_commit(),
     }
-
-
-class RssSampler:
-    """This process's RSS, sampled by a background thread; peak over any time window."""
-
-    def __init__(self, interval: float) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval = interval
-        self.samples: list[tuple[float, int]] = []  # (perf_counter, rss bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.process.memory_info().rss))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self, start: float = -math.inf, stop: float = math.inf) -> int | None:
-        samples = list(self.samples)
-        values = [rss for t, rss in samples if start <= t <= stop]
-        if not values:  # a window shorter than the interval: the last sample before it ends
-            values = [rss for t, rss in samples if t <= stop][-1:]
-        return max(values) if values else None
-
-
-def mb(nbytes: float | None) -> float | None:
-    return None if nbytes is None else round(nbytes / MIB, 1)
 
 
 def tree_bytes(path: Path) -> int:
