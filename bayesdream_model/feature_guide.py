@@ -11,6 +11,8 @@ D x D Cholesky factor; global sites (beta_o) stay mean-field. Parameters: T (D +
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -34,14 +36,14 @@ class AutoFeatureMVN(AutoGuide):
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
-        self._layout: list[tuple[str, int, int]] = []  # (site, offset, width per feature)
+        self._layout: list[_Block] = []
         self._globals: list[str] = []
         locs, n_features = [], None
         for name, site in self.prototype_trace.iter_stochastic_nodes():
-            plates = {f.name for f in site["cond_indep_stack"]}
+            frames = {f.name: f for f in site["cond_indep_stack"]}
             value = self.init_loc_fn(site).detach()
             unconstrained = biject_to(site["fn"].support).inv(value)
-            if FEATURE_PLATE not in plates:
+            if FEATURE_PLATE not in frames:
                 self._globals.append(name)
                 setattr(self, f"loc_{name}", PyroParam(unconstrained.clone()))
                 setattr(
@@ -50,11 +52,31 @@ class AutoFeatureMVN(AutoGuide):
                     PyroParam(torch.full_like(unconstrained, INIT_SCALE), constraints.positive),
                 )
                 continue
-            per_feature = unconstrained.reshape(-1, unconstrained.shape[-1]).T  # [T, k]
-            n_features = per_feature.shape[0]
-            offset = sum(width for _, _, width in self._layout)
-            self._layout.append((name, offset, per_feature.shape[1]))
+            # the feature axis of the unconstrained value: plate dims count from the batch's end
+            axis = len(site["fn"].batch_shape) + frames[FEATURE_PLATE].dim
+            moved = unconstrained.movedim(axis, 0)  # [T, ...]
+            n_features = moved.shape[0]
+            per_feature = moved.reshape(n_features, -1)  # [T, k]
+            offset = sum(block.width for block in self._layout)
+            self._layout.append(
+                _Block(
+                    name,
+                    offset,
+                    per_feature.shape[1],
+                    axis,
+                    tuple(moved.shape),
+                    GROUP_PLATE in frames,
+                )
+            )
             locs.append(per_feature)
+        self._nesting = max(
+            [
+                -f.dim
+                for _, s in self.prototype_trace.iter_stochastic_nodes()
+                for f in s["cond_indep_stack"]
+            ]
+            + [1]
+        )
         loc = torch.cat(locs, dim=-1)  # [T, D]
         eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
         self.loc = PyroParam(loc.contiguous())
@@ -78,24 +100,41 @@ class AutoFeatureMVN(AutoGuide):
                 AUX_SITE,
                 dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril),
                 infer={"is_auxiliary": True},
-            )  # [..., T, D]
-            for name, offset, width in self._layout:
-                values[name] = self._site(name, z[..., offset : offset + width], plates)
+            )  # [..., T, D]; under a vectorised particle plate [S, 1, ..., T, D]
+            extra = z.shape[:-2]
+            particles = extra[: max(len(extra) - (self._nesting - 1), 0)]
+            z = z.reshape(*particles, *z.shape[-2:])  # plate placeholders dropped
+            for block in self._layout:
+                values[block.name] = self._site(block, z, particles, plates)
         return values
 
-    def _site(self, name: str, z: torch.Tensor, plates: dict) -> torch.Tensor:
-        """Place a feature block [..., T, k] at its site's shape; sample it as a Delta."""
-        site = self.prototype_trace.nodes[name]
-        if width_is_group_axis := GROUP_PLATE in {f.name for f in site["cond_indep_stack"]}:
-            z = z.movedim(-1, -2)  # [..., k, T]
-            if z.dim() > 3:  # a vectorised particle dim sits left of the group dim
-                z = z.squeeze(-3)
-        else:
-            z = z.squeeze(-1)  # [..., T]
-        transform = biject_to(site["fn"].support)
-        value = transform(z)
-        log_density = transform.inv.log_abs_det_jacobian(value, z)
-        if width_is_group_axis:
+    def _site(self, block: _Block, z: torch.Tensor, particles: tuple, plates: dict):
+        """A feature block [P, T, k] at its site's shape, sampled as a Delta."""
+        site = self.prototype_trace.nodes[block.name]
+        fn = site["fn"]
+        lead = len(particles)
+        part = z[..., block.offset : block.offset + block.width].reshape(*particles, *block.moved)
+        part = part.movedim(lead, lead + block.axis)  # [P, *batch, *event] of the site
+        if particles:  # particle dims sit left of all plate dims: pad the site's batch
+            pad = self._nesting - len(fn.batch_shape)
+            part = part.reshape(*particles, *([1] * pad), *part.shape[lead:])
+        transform = biject_to(fn.support)
+        value = transform(part)
+        log_density = transform.inv.log_abs_det_jacobian(value, part)
+        delta = dist.Delta(value, log_density=log_density, event_dim=fn.event_dim)
+        if block.in_groups:
             with plates[GROUP_PLATE]:
-                return pyro.sample(name, dist.Delta(value, log_density=log_density))
-        return pyro.sample(name, dist.Delta(value, log_density=log_density))
+                return pyro.sample(block.name, delta)
+        return pyro.sample(block.name, delta)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Where one feature-plated site sits in a feature's D latents."""
+
+    name: str
+    offset: int
+    width: int
+    axis: int  # the feature axis in the site's unconstrained value
+    moved: tuple[int, ...]  # that value's shape with the feature axis first
+    in_groups: bool

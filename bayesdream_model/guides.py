@@ -59,10 +59,10 @@ def choose_guide(
     multinomial guide is fixed: a point mass on its Dirichlet baseline, normal on the rest).
     """
     choice = _spec_choice(family, n_groups, n_features, device, vram_bytes)
-    if choice.kind == "point_baseline" or preference == "mean_field":
+    if preference == "mean_field":
         return choice
     if preference == "auto":
-        if choice.kind != "mean_field":
+        if choice.kind != "mean_field":  # the IAF, or multinomial's point-mass baseline
             return choice
         reason = f"{choice.reason}; a full covariance per feature, since mean-field under-covers"
         return GuideChoice("feature_mvn", choice.default_niters, reason)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from factories import negbinom_screen
 
+from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.distributions.negbinom import NegBinom
 from bayesdream_model.errors import ModelError
-from bayesdream_model.fit import FittedModel, restore_fitted
+from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from bayesdream_model.memory import SamplingPlan
 from bayesdream_model.posterior import posterior_batches
 
@@ -175,3 +176,23 @@ def test_restore_with_mismatched_params_is_a_model_error(guide: str) -> None:
             guide_kind=guide,
             n_groups=3,
         )
+
+
+def test_feature_guide_covers_the_multinomial_baseline() -> None:
+    """`guide: feature_mvn` puts the Dirichlet baseline ([T, K], features first) and the
+    effects ([C-1, T, K]) of each feature in one Gaussian; draws keep every shape."""
+    from bayesdream_model.memory import MemoryBudget, plan_sampling
+    from bayesdream_model.simulate import simulate_multinomial
+
+    sim = simulate_multinomial(n_cells=200, n_features=6, n_groups=3, n_categories=4, seed=1)
+    data = FitArrays(y=np.swapaxes(sim.y, 0, 1).astype(np.float32), groups=sim.groups, n_groups=3)
+    fitted = fit_technical(
+        get_family("multinomial"), data, FitOptions(niters=60, guide="feature_mvn")
+    )
+    assert fitted.guide_kind == "feature_mvn"
+    plan = plan_sampling(nsamples=12, shape=(200, 24, 3), budget=MemoryBudget(10**9, "t", 1.0))
+    (_, _, draws), *_ = posterior_batches(fitted, plan, seed=0)
+    assert draws["alpha_y_add"].shape == (12, 3, 6, 4)
+    assert draws["probs_baseline"].shape == (12, 6, 4)
+    np.testing.assert_allclose(draws["probs_baseline"].sum(-1), 1.0, rtol=1e-5)
+    assert np.isfinite(draws["alpha_y_add"]).all()
