@@ -59,6 +59,8 @@ for _path in (str(REPO), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from dist_inputs import recovery, write_inputs  # noqa: E402
+from dist_report import TARGET_CORR, TARGET_COVERAGE, TARGETS, check_targets, print_report  # noqa: E402
 from machine import (  # noqa: E402  (benchmarks/ on the path first)
     RssSampler,
     cpu_affinity,
@@ -146,133 +148,8 @@ def timed_task(original, label: str, records: list[dict[str, Any]]):
 
 DISTRIBUTIONS = ("negbinom", "binomial", "multinomial", "normal", "studentt")
 DEFAULT_OUT = HERE / "results" / "distributions.json"
-MIB = 1024**2
 
 #: Targets from the issue: default-run wall (s), per-step speed-up over the dense baseline.
-TARGETS = {
-    "negbinom": {"wall_s": 600, "speedup": 5},
-    "binomial": {"wall_s": 120, "speedup": 100},
-    "multinomial": {"wall_s": 120, "speedup": 100},
-    "normal": {"wall_s": 120, "speedup": 100},
-    "studentt": {"wall_s": 900, "speedup": 5},
-}
-TARGET_CORR = 0.99
-TARGET_COVERAGE = (0.85, 0.95)
-
-
-# ---------------------------------------------------------------------------------------
-# Simulation and inputs on disk (parent)
-# ---------------------------------------------------------------------------------------
-def group_labels(n_groups: int) -> np.ndarray:
-    """Labels whose sorted order is the code order (code g -> labels[g])."""
-    return np.asarray([f"LINE{g:03d}" for g in range(n_groups)])
-
-
-def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Draw one screen with `bayesdream_model.simulate`; arrays are features x cells (x K)."""
-    from bayesdream_model import simulate as sim
-
-    size = {"n_cells": args.cells, "n_features": args.features, "n_groups": args.groups}
-    if name == "negbinom":
-        s = sim.simulate_negbinom_screen(**size, effect_sd=args.effect_sd, seed=args.seed)
-        return {
-            "y": s.counts,
-            "groups": s.groups,
-            "sum_factor": s.sum_factor,
-            "effects": s.log2_alpha,
-            "denominator": None,
-        }
-    if name == "binomial":
-        s = sim.simulate_binomial(**size, effect_sd=args.effect_sd, seed=args.seed)
-    elif name == "multinomial":
-        s = sim.simulate_multinomial(**size, n_categories=args.categories, seed=args.seed)
-    elif name == "normal":
-        s = sim.simulate_continuous(**size, missing=args.missing, seed=args.seed)
-    elif name == "studentt":
-        s = sim.simulate_continuous(
-            **size, student_df=args.student_df, missing=args.missing, seed=args.seed
-        )
-    else:
-        raise ValueError(name)
-    rng = np.random.default_rng(args.seed + 17)
-    return {
-        "y": s.y,
-        "groups": s.groups,
-        "sum_factor": rng.lognormal(0.0, 0.3, size=args.cells),
-        "effects": s.effects,
-        "denominator": s.denominator,
-    }
-
-
-def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """Simulate; write the flow's inputs, the step workers' dense fit data and the truth."""
-    import pandas as pd
-    import scipy.sparse as sp
-
-    t0 = time.perf_counter()
-    screen = simulate(name, args)
-    t_sim = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    inputs = folder / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    y, groups = screen["y"], screen["groups"]
-    n_features, n_cells = y.shape[:2]
-    cells = np.asarray([f"cell{n:06d}" for n in range(n_cells)])
-    features = np.asarray([f"{name[:4]}{t:05d}" for t in range(n_features)])
-    pd.DataFrame(
-        {
-            "cell": cells,
-            "target": "ntc",
-            "guide": "ntc_1",
-            "cell_line": group_labels(args.groups)[groups],
-            "sum_factor": screen["sum_factor"],
-        }
-    ).to_csv(inputs / "cells.csv", index=False)
-    (inputs / "features.txt").write_text("\n".join(features) + "\n")
-    (inputs / "cells.txt").write_text("\n".join(cells) + "\n")
-    modality: dict[str, Any] = {
-        "distribution": name,
-        "features": str(inputs / "features.txt"),
-        "cells": str(inputs / "cells.txt"),
-    }
-    if name == "negbinom":
-        counts = sp.csr_matrix(y.astype(np.int32))
-        sp.save_npz(inputs / "counts.npz", counts)
-        modality["counts"] = str(inputs / "counts.npz")
-        fmt = "counts.npz (scipy.sparse CSR, features x cells, int32)"
-    elif name in ("normal", "studentt"):
-        np.save(inputs / "values.npy", y.astype(np.float32))
-        modality["counts"] = str(inputs / "values.npy")
-        fmt = f"values.npy (float32 features x cells, {np.isnan(y).mean():.1%} NaN)"
-    else:
-        np.save(inputs / "counts.npy", y.astype(np.int32))
-        modality["counts"] = str(inputs / "counts.npy")
-        fmt = "counts.npy (int32 features x cells" + (" x K)" if y.ndim == 3 else ")")
-    if screen["denominator"] is not None:
-        np.save(inputs / "denominator.npy", screen["denominator"].astype(np.int32))
-        modality["denominator"] = str(inputs / "denominator.npy")
-        fmt += " + denominator.npy (int32)"
-    fmt += " + features.txt + cells.txt + cells.csv"
-    # What the step workers fit: all cells are NTC; cells x features (x K), float32.
-    fit = {
-        "y": np.ascontiguousarray(np.swapaxes(y, 0, 1), dtype=np.float32),
-        "groups": groups.astype(np.int64),
-        "sum_factor": screen["sum_factor"].astype(np.float32),
-    }
-    if screen["denominator"] is not None:
-        fit["denominator"] = np.ascontiguousarray(screen["denominator"].T, dtype=np.float32)
-    np.savez(folder / "fitdata.npz", **fit)
-    np.savez(folder / "truth.npz", effects=screen["effects"], feature_names=features)
-    input_bytes = sum(p.stat().st_size for p in inputs.iterdir())
-    return {
-        "modality": modality,
-        "format": fmt,
-        "shape": list(y.shape),
-        "n_groups": args.groups,
-        "inputs_mb": round(input_bytes / MIB, 1),
-        "simulate_seconds": round(t_sim, 2),
-        "write_seconds": round(time.perf_counter() - t0, 2),
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,44 +312,6 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Recovery vs the simulated truth (parent, from the store)
-# ---------------------------------------------------------------------------------------
-def recovery(store: str, name: str, folder: Path) -> dict[str, Any]:
-    """Posterior-mean alpha_y_add[:, 1:] vs truth on fit features (unmasked categories)."""
-    import zarr
-
-    root = zarr.open_group(store, mode="r")
-    group = root[f"technical/{name}"]
-    fit = np.asarray(group["technical_correction_applied"][...], dtype=bool)
-    names = np.asarray(group["feature_names"][...], dtype=object).astype(str)
-    with np.load(folder / "truth.npz") as f:
-        truth_all, truth_names = f["effects"], f["feature_names"].astype(str)
-    order = {n: i for i, n in enumerate(truth_names)}
-    idx = np.asarray([order[n] for n in names])[fit]
-    draws = np.asarray(group["alpha_y_add"][...])[:, 1:]  # [S, C-1, T(, K)]
-    draws = draws[:, :, fit]
-    truth = truth_all[1:][:, idx]
-    keep = np.ones(truth.shape, dtype=bool)
-    fit_inputs = root[f"fit/{name}/inputs"]
-    if "mask" in fit_inputs:  # multinomial: categories masked out of the fit are fixed at 0
-        keep &= ~np.asarray(fit_inputs["mask"][...], dtype=bool)[None]
-    mean = draws.mean(axis=0, dtype=np.float64)
-    lo, hi = np.quantile(draws, [0.05, 0.95], axis=0)
-    m, t, lo, hi = mean[keep], truth[keep], lo[keep], hi[keep]
-    return {
-        "n_effects": int(t.size),
-        "n_features_fit": int(fit.sum()),
-        "n_features_excluded": int((~fit).sum()),
-        "n_samples": int(draws.shape[0]),
-        "corr": round(float(np.corrcoef(m, t)[0, 1]), 6),  # the 0.99 target is checked on this
-        "rmse": round(float(np.sqrt(np.mean((m - t) ** 2))), 4),
-        "coverage90": round(float(np.mean((lo <= t) & (t <= hi))), 4),
-        "mean_width90": round(float(np.mean(hi - lo)), 4),
-        "truth_sd": round(float(t.std()), 4),
-    }
-
-
-# ---------------------------------------------------------------------------------------
 # Parent: subprocesses with a limit, the table, the JSON
 # ---------------------------------------------------------------------------------------
 def run_worker(
@@ -588,26 +427,6 @@ def progress_from_log(log: Path) -> dict[str, Any]:
     }
 
 
-def check_targets(name: str, row: dict[str, Any]) -> list[str]:
-    """The issue's targets that this distribution missed (or could not be checked)."""
-    target, missed = TARGETS[name], []
-    ratio = row.get("speedup")
-    if ratio is not None and ratio < target["speedup"]:
-        missed.append(f"speedup {ratio:.1f}x < {target['speedup']}x")
-    flow = row.get("flow") or {}
-    if flow.get("status") == "timeout":
-        missed.append(f"default run timed out (> {flow['process_wall_seconds']:.0f} s)")
-    elif flow.get("status") == "ok" and flow["flow_call_seconds"] > target["wall_s"]:
-        missed.append(f"wall {flow['flow_call_seconds']:.0f} s > {target['wall_s']} s")
-    rec = row.get("recovery") or {}
-    if rec.get("corr") is not None and rec["corr"] < TARGET_CORR:
-        missed.append(f"corr {rec['corr']:.5f} < {TARGET_CORR}")
-    cov = rec.get("coverage90")
-    if cov is not None and not TARGET_COVERAGE[0] <= cov <= TARGET_COVERAGE[1]:
-        missed.append(f"cover90 {cov:.3f} outside {TARGET_COVERAGE[0]}-{TARGET_COVERAGE[1]}")
-    return missed
-
-
 def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Inputs, step timings (ours, dense), the default flow and recovery for one family."""
     folder = root / name
@@ -643,130 +462,6 @@ def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
     row["git_after"] = git_state()
     row["targets_missed"] = check_targets(name, row)
     return row
-
-
-def fmt(value: Any, spec: str = ".1f") -> str:
-    """A table cell; '-' for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, (int, float)):
-        return format(value, spec)
-    return str(value)
-
-
-def short_stop(reason: str | None) -> str:
-    """'converged@1250' / 'cap' / '-' from the store's stop reason."""
-    if not reason:
-        return "-"
-    if reason.startswith("converged"):
-        return "plateau"
-    if reason.startswith("reached niters"):
-        return "cap"
-    return reason.split(":")[0][:12]
-
-
-def steps_cell(r: dict | None) -> str:
-    """ms per step, or the worker's status."""
-    if not r:
-        return "-"
-    if r.get("status") != "ok":
-        return r.get("status", "-").split(" ")[0]
-    return fmt(r["ms_per_step_median"])
-
-
-def print_report(report: dict[str, Any]) -> None:
-    """Machine block, the main table, target misses and stop reasons."""
-    m = report["machine"]
-    print("\n== machine " + "=" * 70)
-    print(
-        f"  cpu: {m['cpu_model']}, {m['cpu_count']} cpus (affinity {m['cpu_affinity']}), "
-        f"RAM {m['ram_total_gb']} GB; torch {m['torch_version']}, pyro {m['pyro_version']}, "
-        f"torch default threads {m['torch_default_threads']}, cuda {m['cuda_available']}"
-    )
-    start, end = m["git_at_start"], report.get("git_at_end") or {}
-    print(
-        f"  load average before {m['load_average_at_start']}  after "
-        f"{report.get('load_average_at_end')}"
-    )
-    print(
-        f"  git HEAD at start {str(start.get('commit'))[:10]} (sources modified: "
-        f"{start.get('sources_modified')}), at end {str(end.get('commit'))[:10]} "
-        f"(sources modified: {end.get('sources_modified')})"
-    )
-    a = report["args"]
-    print(
-        f"  screen: {a['cells']} NTC cells x {a['features']} features, {a['groups']} groups "
-        f"(multinomial K={a['categories']}); steps: median of {a['steps']} after "
-        f"{a['warmup']} warm-up; flow: fit defaults, nsamples={a['nsamples']}"
-        + (f", niters={a['niters']}" if a["niters"] is not None else ", niters=null")
-    )
-    head = (
-        f"  {'dist':<11} {'guide':<14} {'thr':>3} {'ours ms':>9} {'dense ms':>9} {'x':>7} "
-        f"{'wall s':>7} {'fit s':>7} {'steps':>6} {'stop':<8} {'samp s':>6} {'RSS MB':>7} "
-        f"{'corr':>7} {'RMSE':>6} {'cov90':>6}"
-    )
-    print("\n== per distribution " + "=" * 61)
-    print(head)
-    print("  " + "-" * (len(head) - 2))
-    for row in report["rows"]:
-        so, sd = row.get("steps_ours"), row.get("steps_dense")
-        flow, rec = row.get("flow") or {}, row.get("recovery") or {}
-        ok = flow.get("status") == "ok"
-        guide = flow.get("guide") or (so or {}).get("guide") or "-"
-        threads = (so or {}).get("threads") or flow.get("torch_threads_after_flow")
-        wall = flow.get("flow_call_seconds") if ok else flow.get("status", "-")
-        rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0) if ok else None
-        print(
-            f"  {row['distribution']:<11} {guide:<14} {fmt(threads, 'd'):>3} "
-            f"{steps_cell(so):>9} {steps_cell(sd):>9} {fmt(row.get('speedup'), '.1f'):>7} "
-            f"{fmt(wall):>7} {fmt(flow.get('fit_seconds')):>7} "
-            f"{fmt(flow.get('niters_run'), 'd'):>6} {short_stop(flow.get('stop_reason')):<8} "
-            f"{fmt(flow.get('sampling_seconds')):>6} {fmt(rss, '.0f'):>7} "
-            f"{fmt(rec.get('corr'), '.5f'):>7} {fmt(rec.get('rmse'), '.3f'):>6} "
-            f"{fmt(rec.get('coverage90'), '.3f'):>6}"
-        )
-    print(
-        "  (ours/dense ms: median ms per SVI step; x = dense/ours; wall = flow call, ingest -> "
-        "complete store;\n   fit/samp s = store fit_seconds/sampling_seconds; RSS = peak of "
-        "the flow subprocess; corr/RMSE/cov90 = posterior alpha_y_add[:, 1:] vs truth)"
-    )
-    print("\n== details " + "=" * 70)
-    for row in report["rows"]:
-        name, flow = row["distribution"], row.get("flow") or {}
-        if flow.get("status") == "ok":
-            stages = ", ".join(f"{k} {v['seconds']:.1f}" for k, v in flow["stages"].items())
-            print(f"  {name}: stop: {flow['stop_reason']}")
-            print(f"  {name}: stages (s): {stages}; process wall {flow['process_wall_seconds']} s")
-        elif flow:
-            extra = ""
-            if flow.get("last_logged_step"):
-                extra = (
-                    f" (last logged SVI step {flow['last_logged_step']}/"
-                    f"{flow['niters_cap']} at {flow['steps_per_second']} steps/s)"
-                )
-            print(
-                f"  {name}: flow {flow.get('status')} after {flow['process_wall_seconds']} s"
-                + extra
-            )
-        for key in ("steps_ours", "steps_dense"):
-            r = row.get(key) or {}
-            if r.get("status") == "ok":
-                print(
-                    f"  {name}: {key[6:]:<5} {r['likelihood']}: median {r['ms_per_step_median']}"
-                    f" ms (mean {r['ms_per_step_mean']}, min {r['ms_per_step_min']}, max "
-                    f"{r['ms_per_step_max']}, n={r['steps_timed']}), peak RSS "
-                    f"{r['rss_peak_mb']} MB"
-                )
-            elif r:
-                print(f"  {name}: {key[6:]:<5} {r.get('status')}")
-        commits = {str(row[k].get("commit"))[:10] for k in ("git_before", "git_after")}
-        print(
-            f"  {name}: git {' -> '.join(sorted(commits))}; load average before "
-            f"{row['load_average_before']} after "
-            f"{row['load_average_after']}; targets missed: "
-            f"{'; '.join(row['targets_missed']) or 'none'}"
-        )
-    print(f"\n  total benchmark wall: {report['total_seconds']:.0f} s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
