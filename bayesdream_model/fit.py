@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from bayesdream_model.inference import (
     run_svi,
 )
 from bayesdream_model.model import TechnicalModel
+from bayesdream_model.streaming import CellSource, CellStream, blockwise_inputs, merged_tensors
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +74,49 @@ class FittedModel:
 
 def fit_technical(
     family: Family,
-    data: FitArrays,
+    data: FitArrays | CellSource,
     options: FitOptions,
     *,
     on_progress: ProgressFn | None = None,
     checkpointing: Checkpointing | None = None,
 ) -> FittedModel:
-    """SVI fit of the technical model on `data` (fit features only), resumable."""
+    """SVI fit of the technical model on `data` (fit features only), resumable.
+
+    `data` is the fit matrix in memory, or a `CellSource` that hands it out in pieces
+    (`bayesdream_model.streaming`): then the priors are computed feature block by block,
+    and the likelihood either merges exact per-group statistics batch by batch or, for
+    families that read every cell, sees one batch of cells per step, scaled to the whole.
+    """
     device = torch.device(options.device)
     pyro.set_rng_seed(options.seed)
-    inputs = {k: v.to(device) for k, v in family.prior_inputs(data).items()}
-    model = TechnicalModel(family, inputs, data.n_groups, family.tensors(data, device))
+    stream = None
+    if isinstance(data, FitArrays):
+        priors, inits = family.prior_inputs(data), family.initial_values(data)
+        tensors = family.tensors(data, device)
+    else:
+        priors, inits = blockwise_inputs(family, data)
+        if data.n_batches == 1:
+            tensors = family.tensors(data.read_batch(0), device)
+        else:
+            tensors = merged_tensors(family, data, device)
+            if tensors is None:
+                stream = CellStream(family, data, device, seed=options.seed)
+                log.info("cells streamed: %d batches, one per step", data.n_batches)
+            else:
+                log.info("exact statistics merged over %d cell batches", data.n_batches)
+    inputs = {k: v.to(device) for k, v in priors.items()}
+    model = TechnicalModel(family, inputs, data.n_groups, tensors, stream)
+    n_features = data.n_features
     choice = choose_guide(
         family,
         n_groups=data.n_groups,
-        n_features=data.n_features,
+        n_features=n_features,
         device=device,
         vram_bytes=options.vram_bytes,
         preference=options.guide,
     )
     log.info("guide: %s (%s)", choice.kind, choice.reason)
-    guide = build_guide(model, choice.kind, family.initial_values(data))
+    guide = build_guide(model, choice.kind, inits)
     guide(observe=False)  # build the guide's parameters before the first step
     guide.to(device)
     settings = SviSettings(
@@ -102,20 +125,25 @@ def fit_technical(
         tolerance=options.tolerance,
         convergence=options.convergence,
     )
-    result = run_svi(
-        model,
-        guide,
-        elbo_for(choice.kind),
-        settings,
-        on_progress=on_progress,
-        checkpointing=checkpointing,
-    )
+    try:
+        result = run_svi(
+            model,
+            guide,
+            elbo_for(choice.kind),
+            settings,
+            on_progress=on_progress,
+            checkpointing=checkpointing,
+            before_step=None if stream is None else stream.advance,
+        )
+    finally:
+        if stream is not None:
+            stream.close()
     if result.stop_reason.startswith("non-finite"):
         raise ModelError(
             f"SVI {result.stop_reason} for '{family.spec.name}': lower fit.lr (now {options.lr})"
             " or check the input for extreme values."
         )
-    return FittedModel(family, model, guide, choice.kind, data.n_features, result)
+    return FittedModel(family, replace(model, stream=None), guide, choice.kind, n_features, result)
 
 
 def restore_fitted(

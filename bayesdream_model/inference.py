@@ -125,6 +125,7 @@ def run_svi(
     *,
     on_progress: ProgressFn | None = None,
     checkpointing: Checkpointing | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> SviResult:
     """Run SVI until converged or `niters` steps; the scheduler steps every step.
 
@@ -133,6 +134,7 @@ def run_svi(
     tensor at `clip_norm`, as Pyro's `clip_args` does. With `checkpointing`, the whole
     state (guide, optimiser, schedule, losses, stop rule, torch RNG) is saved regularly,
     and a fit resumed from it continues exactly as the uninterrupted one would have.
+    `before_step(step)` runs before each step (a cell stream loads that step's batch).
     """
     loop = _Loop(elbo(model, guide), guide, settings)
     if checkpointing is not None and checkpointing.state is not None:
@@ -141,7 +143,7 @@ def run_svi(
     # Distribution argument checks cost about half of a small step; a diverging fit still
     # shows as a non-finite loss, which ends the loop with a clear error.
     with pyro.validation_enabled(False):
-        return loop.run(on_progress, checkpointing)
+        return loop.run(on_progress, checkpointing, before_step)
 
 
 class _Loop:
@@ -179,12 +181,19 @@ class _Loop:
         self.seconds = state["seconds"]
         torch.set_rng_state(state["rng"])
 
-    def run(self, on_progress: ProgressFn | None, checkpointing: Checkpointing | None) -> SviResult:
+    def run(
+        self,
+        on_progress: ProgressFn | None,
+        checkpointing: Checkpointing | None,
+        before_step: Callable[[int], None] | None = None,
+    ) -> SviResult:
         """Steps until a stop rule fires; returns the trace and the reason."""
         settings = self.settings
         start, saved = time.perf_counter() - self.seconds, time.perf_counter()
         reason = f"reached niters={settings.niters}"
         for step in range(len(self.losses), settings.niters):
+            if before_step is not None:
+                before_step(step)
             loss = _step(self.loss_fn, self.optimizer, self.params, settings.clip_norm, step)
             self.losses.append(loss)
             if step + 1 < settings.niters:

@@ -121,3 +121,49 @@ def plan_sampling(
         f"batches of {batch}, parallel off"
     )
     return SamplingPlan(nsamples, batch, False, per_sample, reason)
+
+
+#: bytes per fit-matrix entry while fitting in memory: the float32 matrix as read, the
+#: family's sorted working copy, and its masks / index arrays
+FIT_BYTES_PER_ENTRY = 3 * BYTES_PER_FLOAT
+#: a streamed fit holds the current batch, the one read ahead, and the read buffer
+STREAM_BUFFERS = 3
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Whether the fit reads all fit cells at once or streams them in batches."""
+
+    stream: bool
+    batch_cells: int
+    dense_bytes: int
+    reason: str
+
+
+def plan_fit(
+    *,
+    n_cells: int,
+    entries_per_cell: int,
+    budget: MemoryBudget,
+    mode: str = "auto",
+    batch_cells: int | None = None,
+) -> FitPlan:
+    """Stream cells when the fit matrix does not fit the device's budget (`mode` auto), or
+    always / never; `batch_cells` (when streaming) overrides the planned batch size.
+    `entries_per_cell`: T (x K; x 2 with a denominator)."""
+    per_cell = entries_per_cell * FIT_BYTES_PER_ENTRY
+    dense = n_cells * per_cell
+    fits = dense <= budget.safe_bytes
+    where = f"{budget.safe_bytes / 1e9:.2f} GB ({budget.source})"
+    if mode == "never" or (mode == "auto" and fits):
+        return FitPlan(False, n_cells, dense, f"{dense / 1e9:.2f} GB fit in memory; {where}")
+    if batch_cells is not None:
+        batch, why = batch_cells, "cells per batch given by the user"
+    else:
+        batch = int(budget.safe_bytes // (STREAM_BUFFERS * per_cell))
+        why = f"{STREAM_BUFFERS} batches of {batch} cells fit in {where}"
+    batch = max(1, min(batch, n_cells))
+    needed = (
+        "streaming asked for" if mode == "always" or fits else f"{dense / 1e9:.2f} GB do not fit"
+    )
+    return FitPlan(True, batch, dense, f"{needed}: {why}")

@@ -135,6 +135,9 @@ class FitConfig(BaseModel):
     convergence: Literal["plateau", "ewma"] = "plateau"
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
     checkpoint_seconds: float = Field(default=30.0, gt=0)  # SVI state saved this often
+    # auto: stream the fit cells from the store in batches when they do not fit the device
+    stream_cells: Literal["auto", "always", "never"] = "auto"
+    cell_batch: int | None = Field(default=None, gt=0)  # cells per batch; None: planned
 
 
 class RunConfig(BaseModel):

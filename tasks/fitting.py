@@ -14,12 +14,14 @@ import zarr
 from bayesdream_model.distributions import get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from bayesdream_model.inference import Checkpointing
+from bayesdream_model.memory import FitPlan, plan_fit
 from tasks.artifacts import Progress, artifact_key
+from tasks.cell_source import StoreCells
 from tasks.config import FitConfig
 from tasks.errors import StoreError
-from tasks.groups import read_groups
-from tasks.prepare import read_fit_arrays, read_flags
-from tasks.resources import resolve_device, set_torch_threads, total_vram
+from tasks.groups import GroupAssignment, read_groups
+from tasks.prepare import fit_cell_index, read_fit_arrays, read_flags
+from tasks.resources import resolve_device, sampling_budget, set_torch_threads, total_vram
 from tasks.store import COMPLETE, fit_key, fresh_group, inputs_key, mark_complete, write_array
 
 logger = logging.getLogger(__name__)
@@ -69,15 +71,24 @@ def fit_modality(
     family = get_family(root[inputs_key(name)].attrs["distribution"])
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
-    data = read_fit_arrays(root, name, groups, features=features)
     device = resolve_device(fit.device)
     threads = set_torch_threads(fit.threads)
+    plan = _fit_plan(root, name, groups, features, fit, device)
+    log.info("Modality '%s': %s", name, plan.reason)
+    if plan.stream:
+        data = StoreCells(root, name, groups, features, batch_cells=plan.batch_cells)
+        how = f"streamed in {data.n_batches} batches of <= {plan.batch_cells} cells"
+    else:
+        data = read_fit_arrays(root, name, groups, features=features)
+        how = "in memory"
     log.info(
-        "Modality '%s': fitting %s on %d cells x %d features, %d groups, device %s (%d threads)",
+        "Modality '%s': fitting %s on %d cells x %d features (%s), %d groups, device %s "
+        "(%d threads)",
         name,
         family.spec.name,
         data.n_cells,
         data.n_features,
+        how,
         data.n_groups,
         device,
         threads,
@@ -103,8 +114,36 @@ def fit_modality(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )
     on_progress.progress.finish()  # a fit that converged early is finished too
+    group.attrs.update(cells_streamed=plan.stream, cell_batches=getattr(data, "n_batches", 1))
     _write_fit(group, fitted, features, device)
-    return {"niters_run": fitted.svi.niters_run, "stop_reason": fitted.svi.stop_reason}
+    return {
+        "niters_run": fitted.svi.niters_run,
+        "stop_reason": fitted.svi.stop_reason,
+        "cells_streamed": plan.stream,
+    }
+
+
+def _fit_plan(
+    root: zarr.Group,
+    name: str,
+    groups: GroupAssignment,
+    features: np.ndarray,
+    fit: FitConfig,
+    device: str,
+) -> FitPlan:
+    """Fit in memory, or stream the cells when the fit matrix does not fit the device."""
+    group = root[inputs_key(name)]
+    family = get_family(group.attrs["distribution"])
+    per_cell = len(features) * int(np.prod(group["counts"].shape[2:], dtype=np.int64))
+    if family.spec.needs_denominator:
+        per_cell *= 2
+    return plan_fit(
+        n_cells=len(fit_cell_index(root, name, groups)),
+        entries_per_cell=per_cell,
+        budget=sampling_budget(device),
+        mode=fit.stream_cells,
+        batch_cells=fit.cell_batch,
+    )
 
 
 def _fit_group(

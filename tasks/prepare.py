@@ -40,7 +40,7 @@ def fit_cell_index(root: zarr.Group, name: str, groups: GroupAssignment) -> np.n
     return index
 
 
-def _read_columns(array: zarr.Array, cells: np.ndarray, features: np.ndarray) -> np.ndarray:
+def read_columns(array: zarr.Array, cells: np.ndarray, features: np.ndarray) -> np.ndarray:
     """[N_fit, T_sel(, K)] float32 from a [T, N(, K)] array, one feature block at a time."""
     out = np.empty((len(cells), len(features), *array.shape[2:]), dtype=np.float32)
     for start in range(0, len(features), FEATURE_CHUNK):
@@ -68,9 +68,9 @@ def read_fit_arrays(
         sum_factor = root[CELLS]["sum_factor"][...][cells].astype(np.float32)
     denominator = None
     if family.spec.needs_denominator:
-        denominator = _read_columns(group["denominator"], cells, features)
+        denominator = read_columns(group["denominator"], cells, features)
     return FitArrays(
-        y=_read_columns(counts, cells, features),
+        y=read_columns(counts, cells, features),
         groups=groups.code[cells],
         n_groups=len(groups.labels),
         sum_factor=sum_factor,

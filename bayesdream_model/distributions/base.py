@@ -78,6 +78,16 @@ class FilterFlags:
         }
 
 
+def summed_stats(a: FitTensors, b: FitTensors) -> FitTensors:
+    """Statistics that are sums over cells, of two disjoint sets of cells."""
+    return FitTensors(
+        y=a.y,
+        groups=torch.cat([a.groups, b.groups]),
+        n_groups=a.n_groups,
+        stats={k: a.stats[k] + b.stats[k] for k in a.stats},
+    )
+
+
 class Family(ABC):
     """The behaviour of one distribution: filters, priors, inits, sites, likelihood."""
 
@@ -121,6 +131,12 @@ class Family(ABC):
 
     #: sites the guide pins to a point (AutoDelta) instead of a distribution
     point_sites: tuple[str, ...] = ()
+    #: the likelihood reads only per-group sums that `merge_tensors` can combine exactly
+    mergeable: bool = False
+
+    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+        """The statistics of two disjoint sets of cells, combined (mergeable families)."""
+        raise NotImplementedError(f"{self.spec.name}: the likelihood reads every cell")
 
     @abstractmethod
     def derive(

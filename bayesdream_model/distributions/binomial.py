@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from bayesdream_model.constants import OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
-from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
+from bayesdream_model.distributions.base import (
+    DistributionSpec,
+    Family,
+    FilterFlags,
+    OutputSpec,
+    summed_stats,
+)
 from bayesdream_model.distributions.effects import (
     additive_outputs,
     derive_additive,
@@ -127,6 +133,12 @@ class Binomial(Family):
                 k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()
             },
         )
+
+    mergeable = True
+
+    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+        """Totals add."""
+        return summed_stats(a, b)
 
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
         """alpha_logit_y [C-1, T] ~ StudentT(3, 0, 20); mu_ntc [T] ~ Beta."""

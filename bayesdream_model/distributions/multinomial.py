@@ -15,7 +15,13 @@ import torch
 
 from bayesdream_model.constants import OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
-from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
+from bayesdream_model.distributions.base import (
+    DistributionSpec,
+    Family,
+    FilterFlags,
+    OutputSpec,
+    summed_stats,
+)
 from bayesdream_model.distributions.effects import sample_group_effects
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
@@ -135,6 +141,12 @@ class Multinomial(Family):
         }
         groups = torch.as_tensor(data.groups, dtype=torch.int64, device=device)
         return FitTensors(y=torch.empty(0), groups=groups, n_groups=data.n_groups, stats=stats)
+
+    mergeable = True
+
+    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+        """Category totals and the lgamma constant add."""
+        return summed_stats(a, b)
 
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
         """alpha_logits_y [C-1, T, K]; probs_baseline_raw [T, K] ~ Dirichlet."""

@@ -36,9 +36,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     groups, sf = data.groups[order], data.sum_factor[order].astype(np.float64)
     rows, cols = np.nonzero(y)
     values = y[rows, cols].astype(np.float64)
-    pairs, counts = np.unique(
-        np.stack([cols.astype(np.float64), values]), axis=1, return_counts=True
-    )
+    pairs, counts = _value_histogram(cols, values)
     # parameter-free: -Σ lgamma(y + 1) + Σ y log sf (the part of y log mu that sf carries)
     constant = -torch.lgamma(torch.as_tensor(values) + 1).sum().item() + float(
         (values * np.log(sf[rows])).sum()
@@ -57,6 +55,18 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
         "pair_count": t(counts),
         "constant": t(constant),
     }
+
+
+def _value_histogram(cols: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (feature, value) pairs [2, P] and how often each occurs.
+
+    One 1-D sort of integer keys (feature x distinct value): numpy's unique over the
+    columns of a 2-D array sorts structured records and was 20x slower.
+    """
+    distinct, code = np.unique(values, return_inverse=True)
+    keys, counts = np.unique(cols.astype(np.int64) * len(distinct) + code, return_counts=True)
+    feature, which = np.divmod(keys, len(distinct))
+    return np.stack([feature.astype(np.float64), distinct[which]]), counts
 
 
 class _Log1pTerm(torch.autograd.Function):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import yaml
 import zarr
+from stores import npy_store
 
 from bayesdream_model.distributions import get_family, is_3d
 from bayesdream_model.memory import MemoryBudget, bytes_per_sample
@@ -61,7 +60,11 @@ def test_layout_with_cis_first_and_everything_fit() -> None:
 def _fitted_store(folder: Path, overrides: list[str]) -> zarr.Group:
     """Demo inputs ingested, grouped, filtered and fit (module functions, no Prefect)."""
     config = write_demo_inputs(
-        folder, n_cells=N_CELLS, n_features=N_FEATURES, n_groups=N_GROUPS, niters=100,
+        folder,
+        n_cells=N_CELLS,
+        n_features=N_FEATURES,
+        n_groups=N_GROUPS,
+        niters=100,
         nsamples=NSAMPLES,
     )
     cfg = load_config(config, overrides)
@@ -154,8 +157,9 @@ def _check_results(root: zarr.Group, cis: str | None) -> dict[str, np.ndarray]:
     np.testing.assert_array_equal(res["alpha_y"], res["alpha_y_mult"])
     np.testing.assert_allclose(res["alpha_y_add"][:, 1:], res["log2_alpha_y"])
     np.testing.assert_allclose(np.exp2(res["alpha_y_add"]), res["alpha_y_mult"], rtol=1e-5)
-    np.testing.assert_allclose(res["phi_y"][..., ~excluded], res["o_y"][..., ~excluded] ** -2.0,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        res["phi_y"][..., ~excluded], res["o_y"][..., ~excluded] ** -2.0, rtol=1e-4
+    )
     return res
 
 
@@ -203,8 +207,13 @@ def test_cis_feature_results(cis_store: zarr.Group) -> None:
     s, c = NSAMPLES, N_GROUPS
     shapes = {name: array.shape for name, array in cis.arrays()}
     assert shapes == {
-        "alpha_x": (s, c), "alpha_x_mult": (s, c), "alpha_x_add": (s, c),
-        "log2_alpha_x": (s, c - 1), "mu_ntc": (s,), "o_x": (s,), "phi_x": (s,),
+        "alpha_x": (s, c),
+        "alpha_x_mult": (s, c),
+        "alpha_x_add": (s, c),
+        "log2_alpha_x": (s, c - 1),
+        "mu_ntc": (s,),
+        "o_x": (s,),
+        "phi_x": (s,),
     }
     assert cis.attrs["feature"] == "GFI1B" and cis.attrs["modality"] == "gene"
     assert cis.attrs["technical_correction_applied"] is True
@@ -221,60 +230,6 @@ def test_without_cis_every_feature_stays(plain_store: zarr.Group) -> None:
 
 
 # -- every distribution, C = 1 and C = 3 ---------------------------------------------
-def _matrix(distribution: str, rng: np.random.Generator, shape: tuple[int, int]) -> dict:
-    """Values (and a denominator) with the last feature made constant: excluded."""
-    if distribution == "binomial":
-        n = rng.poisson(20.0, shape).astype(np.float32)
-        y = rng.binomial(n.astype(int), 0.3).astype(np.float32)
-        y[-1] = 0
-        return {"counts": y, "denominator": n}
-    if distribution == "multinomial":
-        y = rng.poisson(5.0, (*shape, 3)).astype(np.float32)
-        y[-1] = 0
-        return {"counts": y}
-    if distribution in ("normal", "studentt"):
-        y = rng.normal(1.0, 1.0, shape).astype(np.float32)
-        y[-1] = 2.0
-        y[0, :3] = np.nan  # missing values
-        return {"counts": y}
-    y = rng.poisson(5.0, shape).astype(np.float32)
-    y[-1] = 0
-    return {"counts": y}
-
-
-def _npy_store(folder: Path, distribution: str, n_groups: int) -> tuple[zarr.Group, dict]:
-    """A small screen as .npy + name files, ingested, filtered and fit."""
-    rng = np.random.default_rng(3)
-    n_cells, n_features = 60, 5
-    cells = [f"c{i}" for i in range(n_cells)]
-    lines = np.array(["A", "B", "C"])[np.arange(n_cells) % n_groups]
-    pd.DataFrame(
-        {"cell": cells, "target": "ntc", "cell_line": lines,
-         "sum_factor": rng.lognormal(0.0, 0.2, n_cells)}
-    ).to_csv(folder / "cells.csv", index=False)
-    (folder / "features.txt").write_text("\n".join(f"f{t}" for t in range(n_features)))
-    (folder / "cells.txt").write_text("\n".join(cells))
-    modality = {"distribution": distribution, "features": "features.txt", "cells": "cells.txt"}
-    for key, values in _matrix(distribution, rng, (n_features, n_cells)).items():
-        np.save(folder / f"{key}.npy", values)
-        modality[key] = f"{key}.npy"
-    config = {
-        "store": "run.zarr", "cells": "cells.csv",
-        "covariates": ["cell_line"] if n_groups > 1 else [],
-        "modalities": {"m": modality}, "fit": {"niters": 50, "nsamples": 17},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(folder / "config.yaml")
-    table = read_cells_table(cfg)
-    root = open_root(cfg.store, create=True)
-    write_cells(root, table, cfg.covariates, cfg.sum_factor_col)
-    ingest_modality(root, cfg, "m", check_modality(cfg, "m", table["cell"].to_numpy()))
-    assign_groups_in_store(root, use_all_cells=False, policy="drop")
-    filter_features(root, "m", read_groups(root))
-    fit_modality(root, "m", cfg.fit)
-    return root, {"S": 17, "C": n_groups, "T": n_features}
-
-
 @pytest.mark.parametrize("n_groups", [1, 3])
 @pytest.mark.parametrize(
     "distribution", ["negbinom", "binomial", "multinomial", "normal", "studentt"]
@@ -282,8 +237,10 @@ def _npy_store(folder: Path, distribution: str, n_groups: int) -> tuple[zarr.Gro
 def test_result_shapes_for_every_distribution(
     tmp_path: Path, distribution: str, n_groups: int
 ) -> None:
-    root, dims = _npy_store(tmp_path, distribution, n_groups)
-    summary = sample_modality(root, "m", SampleRequest(nsamples=dims["S"], seed=1, minibatch_size=5))
+    root, dims = npy_store(tmp_path, distribution, n_groups)
+    summary = sample_modality(
+        root, "m", SampleRequest(nsamples=dims["S"], seed=1, minibatch_size=5)
+    )
     assert summary["batch_size"] == 5  # batches 5, 5, 5, 2
     group = root[results_key("m")]
     assert group.attrs[COMPLETE] is True and group.attrs["distribution"] == distribution

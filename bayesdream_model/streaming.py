@@ -1,0 +1,174 @@
+"""Fitting without the whole fit matrix in memory: cells in batches, features in blocks.
+
+A `CellSource` hands out the fit cells' data in two shapes: every cell for a block of
+features (the empirical priors and initial values are per feature, so they are computed
+block by block, exactly) and every fit feature for a batch of cells (the likelihood).
+Families whose likelihood reads only per-group sums (binomial, multinomial, normal) merge
+the batches' statistics once, exactly, and fit at full speed; the others (negbinom,
+Student-t) read one batch per SVI step, its log-likelihood scaled by the number of
+batches: each cell sits in exactly one batch and the batch is drawn uniformly, so the
+objective and its gradient stay unbiased.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from bayesdream_model.data import FitArrays, FitTensors
+from bayesdream_model.distributions.base import Family
+
+log = logging.getLogger(__name__)
+
+
+class CellSource(Protocol):
+    """The fit cells' data, never all at once."""
+
+    n_cells: int
+    n_features: int
+    n_groups: int
+
+    @property
+    def n_batches(self) -> int:
+        """How many batches of cells partition the fit cells."""
+
+    def read_batch(self, index: int) -> FitArrays:
+        """Batch `index`: its cells x every fit feature."""
+
+    def feature_blocks(self) -> Iterator[FitArrays]:
+        """Every fit cell x one block of features at a time, in feature order."""
+
+
+class InMemoryCells:
+    """A `CellSource` over arrays already in host memory (tests; a GPU smaller than RAM)."""
+
+    def __init__(self, data: FitArrays, *, batch_cells: int, block_features: int = 512) -> None:
+        self.data = data
+        self.n_cells, self.n_features, self.n_groups = data.n_cells, data.n_features, data.n_groups
+        self.bounds = even_bounds(data.n_cells, batch_cells)
+        self.block_features = block_features
+
+    @property
+    def n_batches(self) -> int:
+        """Number of cell batches."""
+        return len(self.bounds) - 1
+
+    def read_batch(self, index: int) -> FitArrays:
+        """Contiguous rows."""
+        return select_cells(self.data, slice(self.bounds[index], self.bounds[index + 1]))
+
+    def feature_blocks(self) -> Iterator[FitArrays]:
+        """Contiguous columns."""
+        for start in range(0, self.n_features, self.block_features):
+            yield self.data.select_features(slice(start, start + self.block_features))
+
+
+def even_bounds(n: int, batch: int) -> np.ndarray:
+    """Boundaries of ceil(n / batch) nearly equal parts of range(n)."""
+    parts = max(1, -(-n // max(1, batch)))
+    return np.linspace(0, n, parts + 1).round().astype(np.int64)
+
+
+def select_cells(data: FitArrays, rows) -> FitArrays:
+    """The same features for a subset of cells."""
+
+    def take(x):
+        return None if x is None else x[rows]
+
+    return FitArrays(
+        y=data.y[rows],
+        groups=data.groups[rows],
+        n_groups=data.n_groups,
+        sum_factor=take(data.sum_factor),
+        denominator=take(data.denominator),
+    )
+
+
+def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:
+    """Prior inputs and initial values, one feature block at a time (both are per feature,
+    so the result equals the whole-matrix computation); scalars are taken once."""
+    axis = -2 if family.spec.is_3d else -1
+    priors: list[dict] = []
+    inits: list[dict] = []
+    for block in source.feature_blocks():
+        priors.append(family.prior_inputs(block))
+        inits.append(family.initial_values(block))
+    return _concat(priors, axis), _concat(inits, axis)
+
+
+def _concat(parts: list[dict[str, torch.Tensor]], axis: int) -> dict[str, torch.Tensor]:
+    """Per-feature entries joined along the feature axis; 0-d entries from the first part."""
+    if not parts:
+        return {}
+    return {
+        key: value if value.ndim == 0 else torch.cat([p[key] for p in parts], dim=axis)
+        for key, value in parts[0].items()
+    }
+
+
+def merged_tensors(family: Family, source: CellSource, device) -> FitTensors | None:
+    """The exact likelihood statistics of every fit cell, merged batch by batch, for the
+    families whose likelihood reads only per-group sums; None for the others."""
+    if not family.mergeable:
+        return None
+    merged = None
+    for index in range(source.n_batches):
+        part = family.tensors(source.read_batch(index), "cpu")
+        merged = part if merged is None else family.merge_tensors(merged, part)
+        log.debug("statistics of cell batch %d/%d merged", index + 1, source.n_batches)
+    return FitTensors(
+        y=torch.empty(0, device=device),
+        groups=torch.empty(0, dtype=torch.int64, device=device),
+        n_groups=merged.n_groups,
+        stats={k: v.to(device) for k, v in merged.stats.items()},
+    )
+
+
+class CellStream:
+    """One batch of cells per SVI step, read ahead in a background thread.
+
+    Step s of epoch e = s // B reads batch perm_e[s % B], perm_e a permutation seeded by
+    (seed, e): the batch is a function of the step alone, so a resumed fit reads the same
+    batches as an uninterrupted one. `scale` (= B) makes the batch's log-likelihood an
+    unbiased estimate of the whole.
+    """
+
+    def __init__(self, family: Family, source: CellSource, device, *, seed: int = 0) -> None:
+        self.family, self.source, self.device, self.seed = family, source, device, seed
+        self.current: FitTensors | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-stream")
+        self._ahead: tuple[int, Future] | None = None
+
+    @property
+    def scale(self) -> float:
+        """The number of batches."""
+        return float(self.source.n_batches)
+
+    def batch_index(self, step: int) -> int:
+        """Which batch step `step` reads."""
+        n = self.source.n_batches
+        epoch, position = divmod(step, n)
+        return int(np.random.default_rng([self.seed, epoch]).permutation(n)[position])
+
+    def _load(self, step: int) -> FitTensors:
+        return self.family.tensors(self.source.read_batch(self.batch_index(step)), self.device)
+
+    def advance(self, step: int) -> None:
+        """Make step `step`'s batch current and start reading the next one."""
+        if self._ahead is not None and self._ahead[0] == step:
+            self.current = self._ahead[1].result()
+        else:
+            self.current = self._load(step)
+        self._ahead = (step + 1, self._pool.submit(self._load, step + 1))
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+        self._pool.shutdown(wait=True)
+        self._ahead, self.current = None, None
