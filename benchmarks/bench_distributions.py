@@ -256,6 +256,8 @@ def flow_config(args: argparse.Namespace, folder: Path, modality: dict) -> dict[
         fit["niters"] = args.niters
     if args.threads is not None:
         fit["threads"] = args.threads
+    if args.cell_batch is not None:  # the fit cells streamed in batches of this many
+        fit.update(stream_cells="always", cell_batch=args.cell_batch)
     return {
         "store": str(folder / "run.zarr"),
         "cells": str(folder / "inputs" / "cells.csv"),
@@ -364,6 +366,8 @@ def _run_worker(
         cmd += ["--threads", str(args.threads)]
     if args.niters is not None:
         cmd += ["--niters", str(args.niters)]
+    if args.cell_batch is not None:
+        cmd += ["--cell-batch", str(args.cell_batch)]
     prefect_home = folder / f"prefect_home_{tag}"
     prefect_home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -500,6 +504,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1200.0,
         help="wall-clock limit per subprocess in seconds (default 1200)",
+    )
+    p.add_argument(
+        "--cell-batch",
+        type=int,
+        help="stream the fit cells in batches of this many (fit.stream_cells: always)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-steps", action="store_true", help="skip (a), the step timings")

@@ -6,7 +6,7 @@ from typing import Any
 
 from machine import MIB
 
-STAGES = ("ingest", "filter")
+STAGES = ("ingest", "filter", "fit", "sample")
 TARGET_BYTES = 3e9  # "peak RSS <= 3 GB"
 
 
@@ -55,6 +55,17 @@ def table_text(report: dict[str, Any]) -> str:
         f"{report['args']['sample_interval'] * 1000:.0f} ms), VmHWM and ru_maxrss of the "
         "stage's process; step rows = sampled peak within the step, ru_maxrss after it)"
     )
+    fit = report["stages"].get("fit", {}).get("fit")
+    if fit:
+        lines.append(
+            f"Fit: {fit['n_fit_features']:,} fit features, guide {fit['guide']}, cells "
+            f"{'streamed in ' + str(fit['cell_batches']) + ' batches' if fit['cells_streamed'] else 'in memory'}"
+            f", {fit['niters_run']} SVI steps ({fit['stop_reason']}): {fit['ms_per_step']} ms/step"
+            f" with the batch read ahead; memory given: {report['args']['memory_gb']} GB"
+        )
+    sample = report["stages"].get("sample", {}).get("sample")
+    if sample:
+        lines.append(f"Sampling: {sample}")
     if "flags" in report["stages"].get("filter", {}):
         lines.append(f"Filter flags: {report['stages']['filter']['flags']}")
     m = report["machine"]
