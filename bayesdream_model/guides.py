@@ -53,18 +53,23 @@ def choose_guide(
     vram_bytes: int | None,
     preference: GuidePreference = "auto",
 ) -> GuideChoice:
-    """SPEC's choice, except that `auto` replaces mean-field by a full covariance per feature.
+    """SPEC's choice, except that `auto` replaces mean-field, and multinomial's point-mass
+    baseline, by a full covariance per feature.
 
-    `mean_field` gives SPEC's choice exactly; `feature_mvn`/`iaf` force that guide (the
-    multinomial guide is fixed: a point mass on its Dirichlet baseline, normal on the rest).
+    `mean_field` gives SPEC's choice exactly (multinomial: a point mass on its Dirichlet
+    baseline, normal on the rest); `feature_mvn`/`iaf` force that guide.
     """
     choice = _spec_choice(family, n_groups, n_features, device, vram_bytes)
     if preference == "mean_field":
         return choice
     if preference == "auto":
-        if choice.kind != "mean_field":  # the IAF, or multinomial's point-mass baseline
+        if choice.kind == "iaf":
             return choice
-        reason = f"{choice.reason}; a full covariance per feature, since mean-field under-covers"
+        why = {
+            "mean_field": "mean-field under-covers",
+            "point_baseline": "a point-mass baseline ignores its uncertainty",
+        }[choice.kind]
+        reason = f"{choice.reason}; a full covariance per feature, since {why}"
         return GuideChoice("feature_mvn", choice.default_niters, reason)
     return GuideChoice(preference, choice.default_niters, f"fit.guide = {preference}")
 
