@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from bayesdream_model.distributions import get_family
 from bayesdream_model.errors import ModelError
 from bayesdream_model.fit import FitOptions, fit_technical
 from bayesdream_model.guides import flow_bytes
-from bayesdream_model.inference import PlateauDetector, SviSettings
+from bayesdream_model.inference import Checkpointing, PlateauDetector, SviSettings
 
 from ._support import GUIDES, fit_negbinom, negbinom_guide_choice
 
@@ -154,3 +156,74 @@ def test_plateau_rule_stops_on_flat_noise_only() -> None:
     assert plateau_stop(flat, settings) == 4 * 50 - 1
     falling = 1e6 - 100.0 * np.arange(2000) + rng.normal(0.0, 300.0, size=2000)
     assert plateau_stop(falling, settings) is None
+
+
+def _toy_svi(settings: SviSettings, checkpointing=None, optimizers: list | None = None):
+    """A 1-D Normal-mean model that converges within a few hundred steps."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    import bayesdream_model.inference as inference
+
+    data = torch.linspace(-1.0, 3.0, 50)
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("n", data.numel()):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=data)
+
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    guide()
+    original = inference.make_optimizer
+
+    def keep(params, s):
+        made = original(params, s)
+        if optimizers is not None:
+            optimizers.append(made[0])
+        return made
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inference, "make_optimizer", keep)
+        return inference.run_svi(model, guide, Trace_ELBO(), settings, checkpointing=checkpointing)
+
+
+ANNEAL = SviSettings(niters=20_000, lr=0.01, window=20, patience=3)
+
+
+def test_plateau_then_annealed_learning_rate_before_stopping() -> None:
+    optimizers: list = []
+    result = _toy_svi(ANNEAL, optimizers=optimizers)
+    assert "annealed for" in result.stop_reason and result.stop_reason.startswith("converged")
+    plateau_step = int(result.stop_reason.split("(step ")[1].split(")")[0])
+    extra = max(4 * ANNEAL.window, int(0.25 * (plateau_step + 1)))
+    assert result.niters_run == plateau_step + 1 + extra < ANNEAL.niters
+    # the last step ran at the floor (1e-3) of the learning rate the plateau found, which
+    # the one-cycle warm-up (2,000 steps to 10 lr) had brought above lr: without the
+    # anneal the rate would still be rising
+    final_lr = optimizers[0].param_groups[0]["lr"]
+    assert final_lr < 1e-3 * ANNEAL.lr * ANNEAL.peak_factor
+
+
+def test_no_annealing_when_asked_and_resume_inside_the_anneal() -> None:
+    plain = _toy_svi(replace(ANNEAL, anneal_windows=0, anneal_fraction=0.0))
+    assert "annealed" not in plain.stop_reason
+    full = _toy_svi(ANNEAL)
+    assert full.niters_run > plain.niters_run
+    saved: list[bytes] = []
+    middle = plain.niters_run + 10  # a kill inside the annealing phase
+
+    def save(state: dict) -> None:
+        if len(state["losses"]) == middle:
+            assert state["anneal"] is not None
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            saved.append(buffer.getvalue())
+
+    _toy_svi(ANNEAL, Checkpointing(save, every_s=0.0))
+    state = torch.load(io.BytesIO(saved[0]), weights_only=False)
+    resumed = _toy_svi(ANNEAL, Checkpointing(lambda s: None, state, 0.0))
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    assert resumed.stop_reason == full.stop_reason
