@@ -126,8 +126,8 @@ def plan_sampling(
 #: bytes per fit-matrix entry while fitting in memory: the float32 matrix as read, the
 #: family's sorted working copy, and its masks / index arrays
 FIT_BYTES_PER_ENTRY = 3 * BYTES_PER_FLOAT
-#: a streamed fit holds the current batch, the one read ahead, and the read buffer
-STREAM_BUFFERS = 3
+#: a streamed fit holds the current batch, two read ahead, and a read buffer
+STREAM_BUFFERS = 4
 
 
 @dataclass(frozen=True)

@@ -130,19 +130,23 @@ def merged_tensors(family: Family, source: CellSource, device) -> FitTensors | N
 
 
 class CellStream:
-    """One batch of cells per SVI step, read ahead in a background thread.
+    """One batch of cells per SVI step, the next `ahead` batches read in background threads.
 
     Step s of epoch e = s // B reads batch perm_e[s % B], perm_e a permutation seeded by
     (seed, e): the batch is a function of the step alone, so a resumed fit reads the same
     batches as an uninterrupted one. `scale` (= B) makes the batch's log-likelihood an
-    unbiased estimate of the whole.
+    unbiased estimate of the whole. Reading (decompression) and the family's statistics
+    release the GIL for most of their time, so two loads in flight use two cores.
     """
 
-    def __init__(self, family: Family, source: CellSource, device, *, seed: int = 0) -> None:
+    def __init__(
+        self, family: Family, source: CellSource, device, *, seed: int = 0, ahead: int = 2
+    ) -> None:
         self.family, self.source, self.device, self.seed = family, source, device, seed
+        self.ahead = ahead
         self.current: FitTensors | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-stream")
-        self._ahead: tuple[int, Future] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="cells")
+        self._pending: dict[int, Future] = {}
 
     @property
     def scale(self) -> float:
@@ -159,16 +163,18 @@ class CellStream:
         return self.family.tensors(self.source.read_batch(self.batch_index(step)), self.device)
 
     def advance(self, step: int) -> None:
-        """Make step `step`'s batch current and start reading the next one."""
-        if self._ahead is not None and self._ahead[0] == step:
-            self.current = self._ahead[1].result()
-        else:
-            self.current = self._load(step)
-        self._ahead = (step + 1, self._pool.submit(self._load, step + 1))
+        """Make step `step`'s batch current and keep the next ones on their way."""
+        for old in [s for s in self._pending if s < step]:  # after a jump (resume)
+            self._pending.pop(old).cancel()
+        pending = self._pending.pop(step, None)
+        self.current = self._load(step) if pending is None else pending.result()
+        for later in range(step + 1, step + 1 + self.ahead):
+            if later not in self._pending:
+                self._pending[later] = self._pool.submit(self._load, later)
 
     def close(self) -> None:
         """Stop reading ahead."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
+        for pending in self._pending.values():
+            pending.cancel()
         self._pool.shutdown(wait=True)
-        self._ahead, self.current = None, None
+        self._pending, self.current = {}, None

@@ -15,7 +15,7 @@ from factories import counts_matrix
 from pyro import poutine
 
 from bayesdream_model.data import FitArrays
-from bayesdream_model.distributions import get_family
+from bayesdream_model.distributions import get_family, negbinom
 from bayesdream_model.plates import Plates
 
 LOG_EPS = 1e-8
@@ -95,3 +95,24 @@ def test_log_likelihood_does_not_depend_on_cell_order() -> None:
         family_log_likelihood(data, params).item(),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("integers", [True, False])
+def test_value_histogram_counts_and_sort_paths_agree(
+    monkeypatch: pytest.MonkeyPatch, integers: bool
+) -> None:
+    """The bincount path (integer counts, small table) and the sort path give the same
+    (feature, value) pairs in the same order, with the same counts."""
+    rng = np.random.default_rng(0)
+    cols = rng.integers(0, 40, size=5000)
+    values = rng.poisson(3.0, size=5000).astype(np.float64) + 1.0
+    if not integers:
+        values += 0.5 * (rng.random(5000) < 0.2)  # corrected counts: the sort path only
+    pairs, counts = negbinom._value_histogram(cols, values, 40)
+    monkeypatch.setattr(negbinom, "HISTOGRAM_BINS", 0)
+    sorted_pairs, sorted_counts = negbinom._value_histogram(cols, values, 40)
+    np.testing.assert_array_equal(pairs, sorted_pairs)
+    np.testing.assert_array_equal(counts, sorted_counts)
+    assert counts.sum() == 5000
+    one = (pairs[0] == cols[0]) & (pairs[1] == values[0])
+    assert counts[one].item() == int(((cols == cols[0]) & (values == values[0])).sum())

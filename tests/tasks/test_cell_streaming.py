@@ -18,7 +18,7 @@ from stores import npy_store
 
 import tasks.fitting
 import tasks.ingest.matrix
-from bayesdream_model.memory import MemoryBudget, plan_fit
+from bayesdream_model.memory import STREAM_BUFFERS, MemoryBudget, plan_fit
 from tasks.cell_source import StoreCells, chunk_batches
 from tasks.config import load_config
 from tasks.demo import write_demo_inputs
@@ -67,7 +67,7 @@ def test_plan_streams_only_what_does_not_fit() -> None:
     big = {"n_cells": 80_000, "entries_per_cell": 30_000}
     plan = plan_fit(**big, budget=_budget(8 * GB))
     assert plan.stream and 0 < plan.batch_cells < 80_000
-    assert plan.batch_cells * 30_000 * 12 * 3 <= 8 * GB  # 3 batches in the budget
+    assert plan.batch_cells * 30_000 * 12 * STREAM_BUFFERS <= 8 * GB  # all buffers in budget
     assert "do not fit" in plan.reason
     assert not plan_fit(**big, budget=_budget(64 * GB)).stream
     assert not plan_fit(**big, budget=_budget(1 * GB), mode="never").stream
@@ -155,7 +155,7 @@ def test_auto_streams_when_the_budget_is_too_small(
     assert not fit_modality(root, "gene", cfg.fit)["cells_streamed"]
     n_cells = len(fit_cell_index(root, "gene", read_groups(root)))
     n_features = int(read_flags(root, "gene").technical_correction_applied.sum())
-    budget = 3 * 10 * n_features * 12  # three batches of 10 cells, 12 bytes an entry
+    budget = STREAM_BUFFERS * 10 * n_features * 12  # batches of 10 cells, 12 B an entry
     monkeypatch.setattr(tasks.fitting, "sampling_budget", lambda device: _budget(budget))
     assert fit_modality(root, "gene", cfg.fit)["cells_streamed"]
     assert root[fit_key("gene")].attrs["cell_batches"] == -(-n_cells // 10)  # one chunk
