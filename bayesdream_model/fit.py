@@ -89,21 +89,7 @@ def fit_technical(
     """
     device = torch.device(options.device)
     pyro.set_rng_seed(options.seed)
-    stream = None
-    if isinstance(data, FitArrays):
-        priors, inits = family.prior_inputs(data), family.initial_values(data)
-        tensors = family.tensors(data, device)
-    else:
-        priors, inits = blockwise_inputs(family, data)
-        if data.n_batches == 1:
-            tensors = family.tensors(data.read_batch(0), device)
-        else:
-            tensors = merged_tensors(family, data, device)
-            if tensors is None:
-                stream = CellStream(family, data, device, seed=options.seed)
-                log.info("cells streamed: %d batches, one per step", data.n_batches)
-            else:
-                log.info("exact statistics merged over %d cell batches", data.n_batches)
+    priors, inits, tensors, stream = _fit_data(family, data, device, options.seed)
     inputs = {k: v.to(device) for k, v in priors.items()}
     model = TechnicalModel(family, inputs, data.n_groups, tensors, stream)
     n_features = data.n_features
@@ -144,6 +130,23 @@ def fit_technical(
             " or check the input for extreme values."
         )
     return FittedModel(family, replace(model, stream=None), guide, choice.kind, n_features, result)
+
+
+def _fit_data(family: Family, data: FitArrays | CellSource, device: torch.device, seed: int):
+    """Prior inputs, initial values, and what the likelihood reads: the data's tensors, or
+    statistics merged over cell batches, or (families that read every cell) a stream."""
+    if isinstance(data, FitArrays):
+        tensors = family.tensors(data, device)
+        return family.prior_inputs(data), family.initial_values(data), tensors, None
+    priors, inits = blockwise_inputs(family, data)
+    if data.n_batches == 1:
+        return priors, inits, family.tensors(data.read_batch(0), device), None
+    tensors = merged_tensors(family, data, device)
+    if tensors is not None:
+        log.info("exact statistics merged over %d cell batches", data.n_batches)
+        return priors, inits, tensors, None
+    log.info("cells streamed: %d batches, one per step", data.n_batches)
+    return priors, inits, None, CellStream(family, data, device, seed=seed)
 
 
 def restore_fitted(
