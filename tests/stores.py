@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 import zarr
 
-from tasks.config import load_config
+from tasks.config import RunConfig, load_config
 from tasks.fitting import fit_modality
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
@@ -67,11 +67,17 @@ def npy_store(folder: Path, distribution: str, n_groups: int) -> tuple[zarr.Grou
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     cfg = load_config(folder / "config.yaml")
+    root = filtered_store(cfg, "m")
+    fit_modality(root, "m", cfg.fit)
+    return root, {"S": 17, "C": n_groups, "T": n_features}
+
+
+def filtered_store(cfg: RunConfig, name: str) -> zarr.Group:
+    """The config's store with modality `name` ingested, grouped and filtered."""
     table = read_cells_table(cfg)
     root = open_root(cfg.store, create=True)
     write_cells(root, table, cfg.covariates, cfg.sum_factor_col)
-    ingest_modality(root, cfg, "m", check_modality(cfg, "m", table["cell"].to_numpy()))
+    ingest_modality(root, cfg, name, check_modality(cfg, name, table["cell"].to_numpy()))
     assign_groups_in_store(root, use_all_cells=False, policy="drop")
-    filter_features(root, "m", read_groups(root))
-    fit_modality(root, "m", cfg.fit)
-    return root, {"S": 17, "C": n_groups, "T": n_features}
+    filter_features(root, name, read_groups(root))
+    return root

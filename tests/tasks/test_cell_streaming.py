@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from stores import npy_store
+from stores import filtered_store, npy_store
 
 import tasks.fitting
 import tasks.ingest.matrix
@@ -23,11 +23,10 @@ from tasks.cell_source import StoreCells, chunk_batches
 from tasks.config import load_config
 from tasks.demo import write_demo_inputs
 from tasks.fitting import fit_modality
-from tasks.groups import assign_groups_in_store, read_groups
-from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
-from tasks.prepare import filter_features, fit_cell_index, read_fit_arrays, read_flags
+from tasks.groups import read_groups
+from tasks.prepare import fit_cell_index, read_fit_arrays, read_flags
 from tasks.sampling import SampleRequest, sample_modality
-from tasks.store import COMPLETE, fit_key, open_root, results_key
+from tasks.store import COMPLETE, fit_key, results_key
 
 CHUNK = 16
 GB = 10**9
@@ -144,14 +143,8 @@ def test_auto_streams_when_the_budget_is_too_small(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = write_demo_inputs(tmp_path, n_cells=120, n_features=12, niters=30, nsamples=10)
-
     cfg = load_config(config)
-    table = read_cells_table(cfg)
-    root = open_root(cfg.store, create=True)
-    write_cells(root, table, cfg.covariates, cfg.sum_factor_col)
-    ingest_modality(root, cfg, "gene", check_modality(cfg, "gene", table["cell"].to_numpy()))
-    assign_groups_in_store(root, use_all_cells=False, policy="drop")
-    filter_features(root, "gene", read_groups(root))
+    root = filtered_store(cfg, "gene")
     assert not fit_modality(root, "gene", cfg.fit)["cells_streamed"]
     n_cells = len(fit_cell_index(root, "gene", read_groups(root)))
     n_features = int(read_flags(root, "gene").technical_correction_applied.sum())
