@@ -116,16 +116,16 @@ def merged_tensors(family: Family, source: CellSource, device) -> FitTensors | N
     families whose likelihood reads only per-group sums; None for the others."""
     if not family.mergeable:
         return None
-    merged = None
+    merged: dict[str, torch.Tensor] | None = None
     for index in range(source.n_batches):
-        part = family.tensors(source.read_batch(index), "cpu")
-        merged = part if merged is None else family.merge_tensors(merged, part)
+        part = family.tensors(source.read_batch(index), "cpu").stats
+        merged = part if merged is None else family.merge_stats(merged, part)
         log.debug("statistics of cell batch %d/%d merged", index + 1, source.n_batches)
     return FitTensors(
         y=torch.empty(0, device=device),
         groups=torch.empty(0, dtype=torch.int64, device=device),
-        n_groups=merged.n_groups,
-        stats={k: v.to(device) for k, v in merged.stats.items()},
+        n_groups=source.n_groups,
+        stats={k: v.to(device) for k, v in merged.items()},
     )
 
 

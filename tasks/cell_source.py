@@ -16,7 +16,7 @@ import zarr
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from tasks.groups import GroupAssignment
-from tasks.prepare import fit_cell_index, read_columns, read_fit_arrays
+from tasks.prepare import fit_cell_index, read_columns
 from tasks.store import CELL_CHUNK, CELLS, FEATURE_CHUNK, inputs_key
 
 
@@ -74,22 +74,24 @@ class StoreCells:
 
     def read_batch(self, index: int) -> FitArrays:
         """Batch `index`: its cells x every fit feature, from the store."""
-        rows = slice(self.bounds[index], self.bounds[index + 1])
+        return self._arrays(slice(self.bounds[index], self.bounds[index + 1]), self.features)
+
+    def feature_blocks(self) -> Iterator[FitArrays]:
+        """Every fit cell x FEATURE_CHUNK fit features at a time."""
+        for start in range(0, self.n_features, FEATURE_CHUNK):
+            yield self._arrays(slice(None), self.features[start : start + FEATURE_CHUNK])
+
+    def _arrays(self, rows: slice, features: np.ndarray) -> FitArrays:
+        """The fit cells `rows` (positions among the fit cells) x `features`."""
         group = self.root[inputs_key(self.name)]
         cells = self.cells[rows]
         denominator = None
         if self.family.spec.needs_denominator:
-            denominator = read_columns(group["denominator"], cells, self.features)
+            denominator = read_columns(group["denominator"], cells, features)
         return FitArrays(
-            y=read_columns(group["counts"], cells, self.features),
+            y=read_columns(group["counts"], cells, features),
             groups=self.codes[rows],
             n_groups=self.n_groups,
             sum_factor=None if self.sum_factor is None else self.sum_factor[rows],
             denominator=denominator,
         )
-
-    def feature_blocks(self) -> Iterator[FitArrays]:
-        """Every fit cell x FEATURE_CHUNK fit features at a time."""
-        for start in range(0, self.n_features, FEATURE_CHUNK):
-            block = self.features[start : start + FEATURE_CHUNK]
-            yield read_fit_arrays(self.root, self.name, self.groups, features=block)

@@ -78,14 +78,9 @@ class FilterFlags:
         }
 
 
-def summed_stats(a: FitTensors, b: FitTensors) -> FitTensors:
+def summed_stats(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     """Statistics that are sums over cells, of two disjoint sets of cells."""
-    return FitTensors(
-        y=a.y,
-        groups=torch.cat([a.groups, b.groups]),
-        n_groups=a.n_groups,
-        stats={k: a.stats[k] + b.stats[k] for k in a.stats},
-    )
+    return {k: a[k] + b[k] for k in a}
 
 
 class Family(ABC):
@@ -131,11 +126,11 @@ class Family(ABC):
 
     #: sites the guide pins to a point (AutoDelta) instead of a distribution
     point_sites: tuple[str, ...] = ()
-    #: the likelihood reads only per-group sums that `merge_tensors` can combine exactly
+    #: the likelihood reads only per-group sums that `merge_stats` can combine exactly
     mergeable: bool = False
 
-    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
-        """The statistics of two disjoint sets of cells, combined (mergeable families)."""
+    def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+        """`FitTensors.stats` of two disjoint sets of cells, combined (mergeable families)."""
         raise NotImplementedError(f"{self.spec.name}: the likelihood reads every cell")
 
     @abstractmethod

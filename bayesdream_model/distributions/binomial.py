@@ -136,7 +136,7 @@ class Binomial(Family):
 
     mergeable = True
 
-    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+    def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Totals add."""
         return summed_stats(a, b)
 

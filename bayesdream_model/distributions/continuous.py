@@ -142,19 +142,17 @@ class Normal(_Continuous):
 
     mergeable = True
 
-    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+    def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Counts add; means and centred sums of squares merge by Chan et al.'s update."""
-        na, nb = a.stats["count"], b.stats["count"]
+        na, nb = a["count"], b["count"]
         n = na + nb
-        delta = b.stats["mean"] - a.stats["mean"]
+        delta = b["mean"] - a["mean"]
         weight = torch.where(n > 0, nb / n.clamp(min=1.0), torch.zeros_like(n))
-        stats = {
+        return {
             "count": n,
-            "mean": a.stats["mean"] + delta * weight,
-            "m2": a.stats["m2"] + b.stats["m2"] + delta**2 * na * weight,
+            "mean": a["mean"] + delta * weight,
+            "m2": a["m2"] + b["m2"] + delta**2 * na * weight,
         }
-        groups = torch.cat([a.groups, b.groups])
-        return FitTensors(y=a.y, groups=groups, n_groups=a.n_groups, stats=stats)
 
     def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
         """Exact Normal log-likelihood of the finite values."""

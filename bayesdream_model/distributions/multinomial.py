@@ -144,7 +144,7 @@ class Multinomial(Family):
 
     mergeable = True
 
-    def merge_tensors(self, a: FitTensors, b: FitTensors) -> FitTensors:
+    def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Category totals and the lgamma constant add."""
         return summed_stats(a, b)
 
