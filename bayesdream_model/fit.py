@@ -50,6 +50,8 @@ class FitOptions:
     vram_bytes: int | None = None
     guide: GuidePreference = "auto"
     convergence: Literal["plateau", "ewma"] = "plateau"
+    #: names the fit in warnings and errors ("modality 'gene'")
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def fit_technical(
         lr=options.lr,
         tolerance=options.tolerance,
         convergence=options.convergence,
+        context="" if options.label is None else f" for {options.label}",
     )
     try:
         result = run_svi(
@@ -124,11 +127,6 @@ def fit_technical(
     finally:
         if stream is not None:
             stream.close()
-    if result.stop_reason.startswith("non-finite"):
-        raise ModelError(
-            f"SVI {result.stop_reason} for '{family.spec.name}': lower fit.lr (now {options.lr})"
-            " or check the input for extreme values."
-        )
     return FittedModel(family, replace(model, stream=None), guide, choice.kind, n_features, result)
 
 

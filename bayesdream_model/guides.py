@@ -53,19 +53,23 @@ def choose_guide(
     vram_bytes: int | None,
     preference: GuidePreference = "auto",
 ) -> GuideChoice:
-    """SPEC's choice, except that `auto` replaces mean-field, and multinomial's point-mass
-    baseline, by a full covariance per feature.
+    """`auto`: a full covariance per feature for every family and size; `mean_field`: the
+    reference bayesDREAM's choice exactly (negbinom: the IAF when it fits, else mean-field;
+    multinomial: a point mass on its Dirichlet baseline, normal on the rest);
+    `feature_mvn`/`iaf` force that guide.
 
-    `mean_field` gives SPEC's choice exactly (multinomial: a point mass on its Dirichlet
-    baseline, normal on the rest); `feature_mvn`/`iaf` force that guide.
+    Why not the reference's IAF under `auto`: on held-out negbinom screens of 300-5,000
+    latents (the sizes where it would be chosen) it diverged (a non-finite loss near the
+    one-cycle peak), or stopped with intervals that missed their 90 % target, at 5-15x the
+    per-step cost of the per-feature guide, whose coverage and correlation were as good
+    or better at every size (benchmarks/bench_guides.py).
     """
     choice = _spec_choice(family, n_groups, n_features, device, vram_bytes)
     if preference == "mean_field":
         return choice
     if preference == "auto":
-        if choice.kind == "iaf":
-            return choice
         why = {
+            "iaf": "the IAF diverged or mis-covered on small screens",
             "mean_field": "mean-field under-covers",
             "point_baseline": "a point-mass baseline ignores its uncertainty",
         }[choice.kind]

@@ -55,7 +55,7 @@ def draw_range(
     A range's draws therefore do not depend on which ranges were drawn before it: a
     resumed run redraws only what is missing and gets what the uninterrupted run got.
     """
-    pyro.set_rng_seed(seed * 1_000_003 + start)
+    pyro.set_rng_seed((seed * 1_000_003 + start) % 2**32)  # numpy's seeds are 32-bit
     draws = draw_batch(fitted, stop - start, parallel=parallel)
     derived = fitted.family.derive(draws, fitted.model.n_groups, fitted.model.inputs)
     return {k: v.detach().cpu().numpy() for k, v in derived.items()}

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--modality", help="fit only this modality")
     run.add_argument(
+        "--debug",
+        action="store_true",
+        help="on failure, show the tracebacks (they are always in the Prefect run logs)",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -82,19 +87,40 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    quiet = None if debug else _QuietFailures()
+    if quiet is not None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary local API starts in a subprocess; on a busy laptop 20 s is too short.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         return _dispatch(args)
-    except PipelineError as err:
-        log.error("%s", err)
+    except (PipelineError, ValueError) as err:  # model errors are ValueErrors
+        log.error("%s", err, exc_info=debug)
         return 2
-    except ValueError as err:  # model errors (bayesdream_model.errors) are ValueErrors
-        log.error("%s", err)
-        return 2
+    finally:
+        if quiet is not None:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(quiet)
+
+
+class _QuietFailures(logging.Filter):
+    """Keeps Prefect's report of a failed run (tracebacks of the task and of the flow,
+    "Finished in state Failed") off the terminal: the CLI prints the error once. The run
+    logs on the Prefect API keep everything; `--debug` shows it here too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        if not record.name.startswith("prefect"):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return not record.getMessage().startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -117,6 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("Demo finished: %s", store)
         log.info("Next: bayesdream summary %s --modality gene --out effects.csv", store)
         return 0
+    _refuse_early(args)
     if args.dask:
         store = _run_on_dask(args)
         log.info("Finished: %s", store)
@@ -130,6 +157,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
     return 0
+
+
+def _refuse_early(args: argparse.Namespace) -> None:
+    """Before Prefect starts (seconds): a bad config, a store that is not one, a store in
+    use by another run. The flow checks all of this again, under the store's lock."""
+    from tasks.config import load_config
+    from tasks.lock import refuse_if_locked
+    from tasks.store import check_store_location
+
+    cfg = load_config(args.config, args.overrides)
+    check_store_location(cfg.store)
+    refuse_if_locked(cfg.store)
 
 
 def _run_on_dask(args: argparse.Namespace) -> str:

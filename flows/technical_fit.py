@@ -1,5 +1,6 @@
-"""The technical-fit flow: withdraw an earlier run's completion marks, pre-flight, store,
-groups, ingest and filter every modality, then one fit -> sample chain per modality.
+"""The technical-fit flow: under the store's lock, pre-flight (every input checked, nothing
+written), withdraw an earlier run's completion marks, store, groups, ingest and filter every
+modality, then one fit -> sample chain per modality.
 
 The chains are submitted to the flow's task runner, so they run side by side when the
 runner has room: the default runs one task at a time (torch's global RNG is shared by
@@ -21,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
+from tasks.lock import store_lock
 from tasks.steps import (
     assign_groups,
     create_store,
@@ -55,8 +57,15 @@ def technical_fit(
     started = time.time()
     cfg = resolve_config(config, list(overrides or []))
     names = _selected(cfg, modality)
-    prints = withdraw_completion(cfg, names)
-    plans = preflight(cfg, names)
+    # One writer per store: a second run on it (scheduled or by hand) refuses at once.
+    with store_lock(cfg.store):
+        return _chains(cfg, names, started)
+
+
+def _chains(cfg: RunConfig, names: list[str], started: float) -> str:
+    """The run's tasks, under the store's lock: nothing is written before pre-flight."""
+    prints, plans = preflight(cfg, names)
+    withdraw_completion(cfg, names, prints)
     create_store(cfg, names, prints)
     summaries: dict[str, Any] = {"groups": assign_groups(cfg, prints)}
     # Every modality's values are checked and filtered before any fit starts: bad input in

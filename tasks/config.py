@@ -128,7 +128,7 @@ class FitConfig(BaseModel):
     nsamples: int = Field(default=1000, gt=0)
     minibatch_size: int | None = Field(default=None, gt=0)  # None: planned from memory
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, lt=2**32)  # torch's and numpy's seeds are 32-bit
     # auto: SPEC's guide, with a full covariance per feature where SPEC says mean-field
     guide: Literal["auto", "mean_field", "feature_mvn", "iaf"] = "auto"
     # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
@@ -138,6 +138,9 @@ class FitConfig(BaseModel):
     # auto: stream the fit cells from the store in batches when they do not fit the device
     stream_cells: Literal["auto", "always", "never"] = "auto"
     cell_batch: int | None = Field(default=None, gt=0)  # cells per batch; None: planned
+    # multinomial baseline prior: flat = Dirichlet(1), calibrated (default);
+    # baseline_counts = Dirichlet(baseline counts + 1), the reference bayesDREAM's
+    multinomial_baseline_prior: Literal["flat", "baseline_counts"] = "flat"
 
 
 class RunConfig(BaseModel):

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
-import torch
 import zarr
 
-from bayesdream_model.distributions import get_family
+from bayesdream_model.distributions import PriorOptions, get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from bayesdream_model.inference import Checkpointing
 from bayesdream_model.memory import FitPlan, plan_fit
 from tasks.artifacts import Progress, artifact_key
 from tasks.cell_source import StoreCells
+from tasks.checkpoint import decode_state, encode_state
 from tasks.config import FitConfig
 from tasks.errors import StoreError
 from tasks.groups import GroupAssignment, read_groups
@@ -68,7 +67,8 @@ def fit_modality(
     A fit of the same inputs (`fingerprint`) that was killed resumes from its checkpoint.
     """
     log = log or logger
-    family = get_family(root[inputs_key(name)].attrs["distribution"])
+    priors = PriorOptions(multinomial_baseline=fit.multinomial_baseline_prior)
+    family = get_family(root[inputs_key(name)].attrs["distribution"]).configured(priors)
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
     device = resolve_device(fit.device)
@@ -102,6 +102,7 @@ def fit_modality(
         vram_bytes=total_vram(device),
         guide=fit.guide,
         convergence=fit.convergence,
+        label=f"modality '{name}'",
     )
     group, state = _fit_group(root, name, fingerprint)
     if state is not None:
@@ -119,6 +120,7 @@ def fit_modality(
     return {
         "niters_run": fitted.svi.niters_run,
         "stop_reason": fitted.svi.stop_reason,
+        "recoveries": len(fitted.svi.recoveries),
         "cells_streamed": plan.stream,
     }
 
@@ -164,7 +166,7 @@ def _load_checkpoint(group: zarr.Group) -> dict | None:
     """The saved SVI state, or None where a kill mid-save left it unreadable (a checkpoint
     is rewritten as a new array: metadata first, then its one chunk), so the fit restarts."""
     try:
-        return torch.load(io.BytesIO(group[CHECKPOINT][...].tobytes()), weights_only=False)
+        return decode_state(group[CHECKPOINT][...].tobytes())
     except Exception as err:  # whatever makes it unreadable, the fit starts over
         logger.warning(
             "Unreadable fit checkpoint in '%s' (%s): fitting from the start", group.path, err
@@ -173,10 +175,9 @@ def _load_checkpoint(group: zarr.Group) -> dict | None:
 
 
 def _save_checkpoint(group: zarr.Group, state: dict) -> None:
-    """The whole SVI state as one byte array (a chunk write is atomic: temp file + rename)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    """The whole SVI state as one byte array of plain data (`tasks.checkpoint`: JSON and
+    numeric arrays, no pickle); a chunk write is atomic (temp file + rename)."""
+    data = np.frombuffer(encode_state(state), dtype=np.uint8)
     group.create_array(
         CHECKPOINT, shape=data.shape, chunks=data.shape, dtype="uint8", overwrite=True
     )[...] = data
@@ -192,6 +193,7 @@ def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, dev
         niters_run=fitted.svi.niters_run,
         stop_reason=fitted.svi.stop_reason,
         fit_seconds=fitted.svi.seconds,
+        recoveries=[asdict(r) for r in fitted.svi.recoveries],
     )
     params = group.require_group("params")
     for key, value in fitted.params().items():

@@ -38,9 +38,15 @@ class GroupAssignment:
 
 
 def assign_groups(
-    covariates: pd.DataFrame, is_ntc: np.ndarray, *, use_all_cells: bool, policy: str = "drop"
+    covariates: pd.DataFrame,
+    is_ntc: np.ndarray,
+    *,
+    use_all_cells: bool,
+    policy: str = "drop",
+    warn: bool = True,
 ) -> GroupAssignment:
-    """`groupby(covariates).ngroup()` codes over the cells of groups that have NTC cells."""
+    """`groupby(covariates).ngroup()` codes over the cells of groups that have NTC cells
+    (`warn=False`: the dropped groups are not logged, for a pre-flight check)."""
     n_cells = len(is_ntc)
     is_ntc = np.asarray(is_ntc, dtype=bool)
     _refuse_missing(covariates)
@@ -59,7 +65,7 @@ def assign_groups(
             f"Technical groups without NTC cells: {dropped} (group: cells). Every group needs "
             "NTC cells to learn its effect; remove those cells or set groups_without_ntc: drop."
         )
-    if dropped:
+    if dropped and warn:
         logger.warning(
             "Dropping %d cells of technical groups without NTC cells: %s",
             sum(dropped.values()),

@@ -14,11 +14,12 @@ from prefect import get_run_logger, task
 from tasks import provenance
 from tasks.artifacts import Progress, artifact_key, publish_exclusions, publish_reports
 from tasks.config import RunConfig, apply_override, config_from_dict, load_config
-from tasks.fingerprint import Fingerprints, fingerprints
+from tasks.fingerprint import Fingerprints
 from tasks.fitting import fit_modality
 from tasks.groups import assign_groups_in_store, read_groups
-from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
+from tasks.ingest import ingest_modality, read_cells_table, write_cells
 from tasks.ingest.matrix import ModalityPlan
+from tasks.preflight import check_run
 from tasks.prepare import filter_features, read_flags
 from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import (
@@ -28,7 +29,7 @@ from tasks.store import (
     GROUPS,
     fit_key,
     inputs_key,
-    is_complete,
+    is_unchanged,
     open_root,
     prep_key,
     results_key,
@@ -60,17 +61,17 @@ def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig
 
 
 @task(name="withdraw-completion")
-def withdraw_completion(cfg: RunConfig, modalities: list[str]) -> Fingerprints:
-    """Fingerprint every step; an earlier run's store stops claiming more than it holds.
+def withdraw_completion(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> None:
+    """After pre-flight: an earlier run's store stops claiming more than it holds.
 
     The root's `complete` always goes (this run is in progress), and so does that of every
     group this run will rewrite because something it depends on changed: a run that
-    fails, even in pre-flight, leaves no store that passes for the result of this config.
-    Groups whose inputs are unchanged keep their mark: the steps that wrote them are skipped.
+    fails from here on leaves no store that passes for the result of this config. Groups
+    whose inputs are unchanged keep their mark: the steps that wrote them are skipped.
+    (A run refused in pre-flight has not come here: the store is as it was.)
     """
-    prints = fingerprints(cfg)
     if not (Path(cfg.store) / "zarr.json").exists():
-        return prints
+        return
     root = open_root(cfg.store)
     if COMPLETE in root.attrs:
         del root.attrs[COMPLETE]
@@ -80,7 +81,6 @@ def withdraw_completion(cfg: RunConfig, modalities: list[str]) -> Fingerprints:
                 del root[key].attrs[COMPLETE]
     if _stale_cis(root, cfg, modalities, prints) and COMPLETE in root[CIS_KEY].attrs:
         del root[CIS_KEY].attrs[COMPLETE]
-    return prints
 
 
 def _step_keys(cfg: RunConfig, modalities: list[str], prints: Fingerprints):
@@ -94,11 +94,6 @@ def _step_keys(cfg: RunConfig, modalities: list[str], prints: Fingerprints):
         yield results_key(name), prints.sample[name]
         if cfg.modalities[name].cis_feature is not None:
             yield CIS_KEY, prints.sample[name]
-
-
-def _unchanged(root: zarr.Group, key: str, fingerprint: str) -> bool:
-    """The group is complete and was written from the same inputs: its step can be skipped."""
-    return is_complete(root, key) and root[key].attrs.get("fingerprint") == fingerprint
 
 
 def _stamp(root: zarr.Group, key: str, fingerprint: str) -> None:
@@ -118,7 +113,7 @@ def _stale_cis(
         return False
     fingerprint = prints.sample[owner]
     return cfg.modalities[owner].cis_feature is None or not (
-        _unchanged(root, CIS_KEY, fingerprint)
+        is_unchanged(root, CIS_KEY, fingerprint)
         or _interrupted_sampling(root, results_key(owner), fingerprint)
     )
 
@@ -137,13 +132,15 @@ def _interrupted_sampling(root: zarr.Group, key: str, fingerprint: str) -> bool:
 
 
 @task(name="preflight")
-def preflight(cfg: RunConfig, modalities: list[str]) -> dict[str, ModalityPlan]:
-    """Every cheap check (cells table, matrix shapes and ids) before anything is written."""
+def preflight(
+    cfg: RunConfig, modalities: list[str]
+) -> tuple[Fingerprints, dict[str, ModalityPlan]]:
+    """Every check of the inputs (store location, cells table, groups, matrices and their
+    values), read-only, before anything is written; then each step's fingerprint."""
     log = get_run_logger()
-    table = read_cells_table(cfg)
-    plans = {name: check_modality(cfg, name, table["cell"].to_numpy()) for name in modalities}
-    log.info("Pre-flight passed: %d cells, modalities %s", len(table), ", ".join(plans))
-    return plans
+    prints, plans = check_run(cfg, modalities, log)
+    log.info("Pre-flight passed: modalities %s", ", ".join(plans))
+    return prints, plans
 
 
 @task(name="create-store")
@@ -157,7 +154,7 @@ def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) ->
     root.attrs.update(
         {"config": json.loads(cfg.model_dump_json()), "provenance": provenance.describe()}
     )
-    if _unchanged(root, CELLS, prints.cells):
+    if is_unchanged(root, CELLS, prints.cells):
         get_run_logger().info("Cells table unchanged: kept '%s'", CELLS)
     else:
         write_cells(root, read_cells_table(cfg), cfg.covariates, cfg.sum_factor_col)
@@ -170,7 +167,7 @@ def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) ->
 def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) -> str:
     """Copy a modality's matrix into the store, chunked, in the cells table's order."""
     root, key = open_root(cfg.store), inputs_key(name)
-    if _unchanged(root, key, prints.ingest[name]):
+    if is_unchanged(root, key, prints.ingest[name]):
         get_run_logger().info("Modality '%s': input files unchanged, ingestion skipped", name)
     else:
         ingest_modality(root, cfg, name, plan, get_run_logger())
@@ -183,7 +180,7 @@ def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) 
 def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     """Technical groups from the covariates; returns the labels in code order."""
     root = open_root(cfg.store)
-    if not _unchanged(root, GROUPS, prints.groups):
+    if not is_unchanged(root, GROUPS, prints.groups):
         assign_groups_in_store(root, use_all_cells=cfg.use_all_cells, policy=cfg.groups_without_ntc)
         _stamp(root, GROUPS, prints.groups)
     return read_groups(root).labels
@@ -194,7 +191,7 @@ def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
 def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, int]:
     """NTC filters; returns the number of features flagged by each reason."""
     root, key = open_root(cfg.store), prep_key(name)
-    if _unchanged(root, key, prints.filter[name]):
+    if is_unchanged(root, key, prints.filter[name]):
         get_run_logger().info("Modality '%s': filters unchanged, skipped", name)
         flags = read_flags(root, name)
     else:
@@ -209,7 +206,7 @@ def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, in
 def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """SVI fit of one modality (skipped when unchanged, resumed when killed)."""
     root, key = open_root(cfg.store), fit_key(name)
-    if _unchanged(root, key, prints.fit[name]):
+    if is_unchanged(root, key, prints.fit[name]):
         get_run_logger().info("Modality '%s': fit inputs unchanged, fit skipped", name)
         attrs = root[key].attrs
         return {"niters_run": attrs["niters_run"], "stop_reason": attrs["stop_reason"]}
@@ -221,7 +218,7 @@ def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
 def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """Posterior draws of one modality into its preallocated results (resumed when killed)."""
     root, key = open_root(cfg.store), results_key(name)
-    if _unchanged(root, key, prints.sample[name]):
+    if is_unchanged(root, key, prints.sample[name]):
         get_run_logger().info("Modality '%s': results unchanged, sampling skipped", name)
         attrs = root[key].attrs
         return {

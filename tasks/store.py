@@ -17,7 +17,8 @@ when its group has `complete: true`, written after every array.
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,77 @@ def results_key(modality: str) -> str:
 CIS_KEY = "technical/cis"
 
 
+RUN_ENCODING = "bayesdream-run"
+SHOW = 5  # entries of a folder quoted in a message
+
+
 def open_root(store: str | Path, *, create: bool = False) -> zarr.Group:
-    """Open the run store; with `create`, make it (and mark its encoding) if absent."""
+    """Open the run store; with `create`, make it (marked with its encoding) if absent.
+
+    Only a folder that is a bayesdream store, or an empty or new one (with `create`), is
+    opened: `check_store_location` refuses anything else, so that nothing is ever written
+    into, or deleted from, a folder of someone else's files or another tool's store.
+    """
     path = Path(store)
     if not create and not (path / "zarr.json").exists():
         raise StoreError(
             f"No bayesdream store at '{path}': run `bayesdream run <config>` first, "
             "or check the `store:` path in the config."
         )
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
-    if create and "encoding-type" not in root.attrs:
-        root.attrs.update({"encoding-type": "bayesdream-run", "encoding-version": ENCODING_VERSION})
-    return root
+    check_store_location(path)
+    if not (path / "zarr.json").exists():
+        # one write: a kill cannot leave a root without its encoding (which would then
+        # be refused as another tool's store)
+        attributes = {"encoding-type": RUN_ENCODING, "encoding-version": ENCODING_VERSION}
+        return zarr.create_group(str(path), zarr_format=3, attributes=attributes)
+    return zarr.open_group(str(path), mode="a", zarr_format=3)
+
+
+def check_store_location(path: Path) -> None:
+    """`path` is new, an empty folder, or a bayesdream store; else a `StoreError` that says
+    what is there. Reads only the root's `zarr.json` (as JSON) and the folder's listing."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(
+            f"Store '{path}' is a file, not a folder: `store:` must name a new or empty "
+            "folder, or an earlier run's store (e.g. results/run.zarr)."
+        )
+    entries = sorted(entry.name for entry in os.scandir(path))
+    if not entries:
+        return
+    if "zarr.json" not in entries:
+        kind = "a Zarr v2 store" if {".zgroup", ".zarray"} & set(entries) else "files"
+        raise _foreign(path, f"holds {kind} of its own ({_quote(entries)})")
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    except (OSError, ValueError) as err:
+        raise _foreign(path, f"has an unreadable zarr.json ({err})") from None
+    if not isinstance(attrs, dict) or attrs.get("encoding-type") != RUN_ENCODING:
+        found = attrs.get("encoding-type") if isinstance(attrs, dict) else None
+        what = f"encoding-type '{found}'" if found else "no bayesdream encoding-type"
+        raise _foreign(path, f"is another tool's Zarr store ({what}; holds {_quote(entries)})")
+    version = str(attrs.get("encoding-version", ""))
+    if version.split(".")[:2] != ENCODING_VERSION.split(".")[:2]:
+        raise StoreError(
+            f"Store '{path}' was written by a bayesdream-pipeline of store encoding "
+            f"{version or 'unknown'}, this one writes {ENCODING_VERSION}; give this run a new "
+            "`store:` (the old store is left as it is)."
+        )
+
+
+def _foreign(path: Path, what: str) -> StoreError:
+    return StoreError(
+        f"Store '{path}' {what}: it is not a bayesdream store, and a run never writes into "
+        "or deletes from such a folder. Give `store:` a new or empty folder, e.g. "
+        f"'{path / 'bayesdream.zarr'}'."
+    )
+
+
+def _quote(entries: list[str]) -> str:
+    shown = ", ".join(f"'{e}'" for e in entries[:SHOW])
+    return shown + (f" and {len(entries) - SHOW} more" if len(entries) > SHOW else "")
 
 
 def fresh_group(root: zarr.Group, key: str, encoding: str, **attrs: Any) -> zarr.Group:
@@ -85,6 +145,11 @@ def fresh_group(root: zarr.Group, key: str, encoding: str, **attrs: Any) -> zarr
 def is_complete(root: zarr.Group, key: str) -> bool:
     """True when `key` exists and its `complete` attribute was written."""
     return key in root and bool(root[key].attrs.get(COMPLETE, False))
+
+
+def is_unchanged(root: zarr.Group, key: str, fingerprint: str) -> bool:
+    """The group is complete and was written from the same inputs: its step can be skipped."""
+    return is_complete(root, key) and root[key].attrs.get("fingerprint") == fingerprint
 
 
 def mark_complete(group: zarr.Group) -> None:
@@ -126,8 +191,3 @@ def write_array(group: zarr.Group, name: str, values: np.ndarray, **kwargs: Any)
 def read_strings(group: zarr.Group, name: str) -> np.ndarray:
     """A string array as a numpy array of Python str."""
     return np.asarray(group[name][...], dtype=object).astype(str)
-
-
-def remove_path(path: str | Path) -> None:
-    """Delete a store (or part of one) left by an interrupted step."""
-    shutil.rmtree(path, ignore_errors=True)

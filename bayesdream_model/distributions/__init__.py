@@ -1,6 +1,12 @@
 """Distribution families and their registry."""
 
-from bayesdream_model.distributions.base import DistributionSpec, Family, FilterFlags, OutputSpec
+from bayesdream_model.distributions.base import (
+    DistributionSpec,
+    Family,
+    FilterFlags,
+    OutputSpec,
+    PriorOptions,
+)
 from bayesdream_model.distributions.registry import (
     DISTRIBUTIONS,
     effect_type,
@@ -18,6 +24,7 @@ __all__ = [
     "Family",
     "FilterFlags",
     "OutputSpec",
+    "PriorOptions",
     "effect_type",
     "get_family",
     "get_spec",

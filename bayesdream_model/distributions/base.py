@@ -33,6 +33,22 @@ class DistributionSpec:
     guide: Literal["mean_field", "flow_if_fits", "point_baseline"] = "mean_field"
 
 
+BaselinePrior = Literal["flat", "baseline_counts"]
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """Prior choices a run may make (families ignore those that are not theirs).
+
+    `multinomial_baseline`: "flat" = Dirichlet(1) on each feature's baseline probabilities
+    (the default: calibrated); "baseline_counts" = Dirichlet(baseline-group counts + 1),
+    the reference bayesDREAM's prior, which counts the baseline cells a second time on top
+    of the likelihood and so narrows the posterior (90 % intervals cover ~0.85).
+    """
+
+    multinomial_baseline: BaselinePrior = "flat"
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """One result array: `kind` says how it is laid out and what excluded features hold.
@@ -91,6 +107,10 @@ class Family(ABC):
     latent_sites: tuple[str, ...]
     #: the raw effect site (zero-filled for excluded features)
     effect_site: str
+
+    def configured(self, options: PriorOptions) -> Family:
+        """This family with the run's prior choices (default: none apply, itself)."""
+        return self
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
         """What the likelihood reads, on `device` (default: the fit cells' data as is)."""

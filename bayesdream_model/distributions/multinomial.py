@@ -16,10 +16,12 @@ import torch
 from bayesdream_model.constants import OBS_SITE
 from bayesdream_model.data import FitArrays, FitTensors
 from bayesdream_model.distributions.base import (
+    BaselinePrior,
     DistributionSpec,
     Family,
     FilterFlags,
     OutputSpec,
+    PriorOptions,
     summed_stats,
 )
 from bayesdream_model.distributions.effects import sample_group_effects
@@ -83,9 +85,24 @@ class Multinomial(Family):
     effect_site = EFFECT_SITE
     point_sites = (DIRICHLET_SITE,)
 
-    def __init__(self, *, effect_df: float = 3.0, effect_scale: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        effect_df: float = 3.0,
+        effect_scale: float = 20.0,
+        baseline_prior: BaselinePrior = "flat",
+    ) -> None:
         self.effect_df = effect_df
         self.effect_scale = effect_scale
+        self.baseline_prior = baseline_prior
+
+    def configured(self, options: PriorOptions) -> Multinomial:
+        """The same family with the run's baseline prior (see `PriorOptions`)."""
+        return Multinomial(
+            effect_df=self.effect_df,
+            effect_scale=self.effect_scale,
+            baseline_prior=options.multinomial_baseline,
+        )
 
     def flags(self, data: FitArrays) -> FilterFlags:
         """Zero total; every category's per-cell ratio constant; <= 1 category in all groups."""
@@ -101,9 +118,11 @@ class Multinomial(Family):
         )
 
     def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
-        """Dirichlet concentration = baseline-group counts + 1; the category mask."""
-        base = data.groups == 0
-        counts = data.y[base].sum(axis=0, dtype=np.float64)
+        """Dirichlet concentration (1, or baseline-group counts + 1); the category mask."""
+        if self.baseline_prior == "baseline_counts":
+            counts = data.y[data.groups == 0].sum(axis=0, dtype=np.float64)
+        else:
+            counts = np.zeros(data.y.shape[1:], dtype=np.float64)
         return {
             "concentration": torch.as_tensor(counts + 1.0, dtype=torch.float32),
             "mask": torch.as_tensor(category_mask(data)),

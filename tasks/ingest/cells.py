@@ -17,6 +17,7 @@ import zarr
 from bayesdream_model.distributions import requires_sum_factor
 from tasks.config import RunConfig
 from tasks.errors import InputDataError
+from tasks.groups import NTC
 from tasks.ingest.readers import plain_suffix
 from tasks.store import CELLS, fresh_group, mark_complete, write_array, write_strings
 
@@ -47,6 +48,7 @@ def read_cells_table(cfg: RunConfig) -> pd.DataFrame:
         raise InputDataError(f"Cells table '{path}' has no rows.")
     _check_missing(path, table, text_columns)
     _check_unique_ids(path, table)
+    _check_ntc(path, table)
     if cfg.sum_factor_col in table.columns:
         table[cfg.sum_factor_col] = pd.to_numeric(table[cfg.sum_factor_col], errors="coerce")
         if needs_sf:
@@ -104,6 +106,26 @@ def _check_unique_ids(path: Path, table: pd.DataFrame) -> None:
         )
 
 
+def _check_ntc(path: Path, table: pd.DataFrame) -> None:
+    """Technical effects are learnt from NTC cells (every group needs some, even with
+    use_all_cells): a table without any is refused, with what the column does hold."""
+    targets = table[TARGET_COLUMN]
+    if (targets == NTC).any():
+        return
+    common = ", ".join(f"'{v}' ({n})" for v, n in targets.value_counts().head(SHOW).items())
+    near = sorted({v for v in targets.unique() if v.strip().lower() == NTC})
+    hint = (
+        f" Did you mean {near}? The marker is exactly '{NTC}' (lowercase)."
+        if near
+        else f" Mark the non-targeting controls with target '{NTC}'."
+    )
+    raise InputDataError(
+        f"Cells table '{path}' has no NTC cells: no row of column '{TARGET_COLUMN}' is "
+        f"'{NTC}' (most common values: {common}). The technical fit learns from "
+        f"non-targeting-control cells.{hint}"
+    )
+
+
 def _check_size_factors(path: Path, table: pd.DataFrame, column: str) -> None:
     """negbinom scales its mean by the size factor: it must be finite and > 0."""
     values = table[column].to_numpy(dtype=np.float64)
@@ -119,7 +141,7 @@ def _check_size_factors(path: Path, table: pd.DataFrame, column: str) -> None:
 
 def _ntc_count(table: pd.DataFrame) -> int:
     """Number of non-targeting control cells."""
-    return int((table[TARGET_COLUMN] == "ntc").sum())
+    return int((table[TARGET_COLUMN] == NTC).sum())
 
 
 def write_cells(

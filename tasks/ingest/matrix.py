@@ -9,7 +9,6 @@ A failure deletes the modality's group: nothing half-written remains.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,8 +66,8 @@ def check_modality(
     mod = cfg.modalities[name]
     counts, denominator = open_modality(mod)
     _check_dims(counts, mod, name)
-    _check_unique(counts.feature_names, "feature names", counts.path)
-    _check_unique(counts.cell_ids, "cell ids", counts.path)
+    _check_names(counts.feature_names, "feature names", counts.path)
+    _check_names(counts.cell_ids, "cell ids", counts.path)
     if denominator is not None:
         _check_denominator(counts, denominator, name)
     if mod.cis_feature is not None and mod.cis_feature not in set(counts.feature_names):
@@ -93,27 +92,44 @@ def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | Non
     counts = open_matrix(mod.counts, features=mod.features, cells=mod.cells)
     if mod.denominator is None:
         return counts, None
-    denominator = open_matrix(
-        mod.denominator,
-        features=mod.features if mod.features is not None else counts.feature_names,
-        cells=mod.cells if mod.cells is not None else counts.cell_ids,
-    )
+    try:
+        denominator = open_matrix(
+            mod.denominator,
+            features=mod.features if mod.features is not None else counts.feature_names,
+            cells=mod.cells if mod.cells is not None else counts.cell_ids,
+        )
+    except InputDataError as err:  # its names are the counts': a count of them differs
+        raise InputDataError(
+            f"The denominator '{mod.denominator}' does not match the counts '{counts.path}' "
+            f"(shape {counts.shape}); they must have exactly the same shape: {err}"
+        ) from None
     return counts, denominator
 
 
 def _check_dims(reader: MatrixReader, mod: ModalityConfig, name: str) -> None:
-    """Multinomial is features x cells x K; every other distribution is 2-D."""
+    """Multinomial is features x cells x K (K >= 2); every other distribution is 2-D; no
+    axis is empty."""
     expected = 3 if get_spec(mod.distribution).is_3d else 2
+    layout = "features x cells x K" if expected == 3 else "features x cells"
+    where = f"Modality '{name}' ({mod.distribution}): '{reader.path}' has shape {reader.shape}"
     if len(reader.shape) != expected:
-        layout = "features x cells x K" if expected == 3 else "features x cells"
+        raise InputDataError(f"{where}, expected {expected}-D ({layout}).")
+    if min(reader.shape[:2]) == 0:
+        raise InputDataError(f"{where}: it has no features or no cells ({layout}).")
+    if expected == 3 and reader.shape[2] < 2:
         raise InputDataError(
-            f"Modality '{name}' ({mod.distribution}): '{reader.path}' has shape "
-            f"{reader.shape}, expected {expected}-D ({layout})."
+            f"{where}: a multinomial needs K >= 2 categories on its last axis ({layout})."
         )
 
 
-def _check_unique(names: np.ndarray, what: str, path: Path) -> None:
-    """Names are join keys: a repeat would make a match ambiguous."""
+def _check_names(names: np.ndarray, what: str, path: Path) -> None:
+    """Names are join keys: an empty name or a repeat would make a match ambiguous."""
+    empty = np.flatnonzero(np.char.str_len(np.asarray(names, dtype=str)) == 0)
+    if empty.size:
+        raise InputDataError(
+            f"'{path}' has {empty.size} empty {what} (first at position(s) "
+            f"{empty[:SHOW].tolist()}, 0-based); every one must be a non-empty name."
+        )
     index = pd.Index(names)
     if not index.is_unique:
         repeated = index[index.duplicated()].unique()
@@ -169,6 +185,35 @@ def _match_cells(reader: MatrixReader, table_ids: np.ndarray) -> tuple[np.ndarra
     return position.astype(np.int64), present
 
 
+def check_values(
+    cfg: RunConfig, plan: ModalityPlan, log: logging.Logger | logging.LoggerAdapter | None = None
+) -> None:
+    """A read-only pass over a modality's values (the checks ingestion makes), so that a
+    bad value is refused before anything is written; one block of features at a time."""
+    log = log if log is not None else logger
+    readers = open_modality(cfg.modalities[plan.name])
+    for start, y, n in _blocks(readers):
+        _check_values(y, n, start=start, plan=plan, readers=readers)
+        del y, n
+    log.info("Modality '%s': values of %s checked.", plan.name, readers[0].path)
+
+
+def _blocks(readers: tuple[MatrixReader, MatrixReader | None]):
+    """(start, counts block, denominator block or None), FEATURE_CHUNK rows at a time."""
+    counts, denominator = readers
+    blocks = counts.iter_feature_blocks(FEATURE_CHUNK)
+    if denominator is None:
+        for start, y in blocks:
+            yield start, y, None
+            del y  # the block is released before the reader builds the next one
+        return
+    for (start, y), (_, n) in zip(
+        blocks, denominator.iter_feature_blocks(FEATURE_CHUNK), strict=True
+    ):
+        yield start, y, n
+        del y, n
+
+
 def ingest_modality(
     root: zarr.Group,
     cfg: RunConfig,
@@ -215,17 +260,11 @@ def _copy_blocks(
     log: logging.Logger | logging.LoggerAdapter,
 ) -> None:
     """Copy FEATURE_CHUNK rows at a time (chunk-aligned), in cells-table column order."""
-    counts, denominator = readers
     targets = {"counts": _create(group, "counts", plan)}
-    blocks = counts.iter_feature_blocks(FEATURE_CHUNK)
-    if denominator is None:
-        pairs = zip(blocks, itertools.repeat(None))
-    else:
+    if readers[1] is not None:
         targets["denominator"] = _create(group, "denominator", plan)
-        pairs = zip(blocks, denominator.iter_feature_blocks(FEATURE_CHUNK), strict=True)
     n_features = plan.shape[0]
-    for (start, y), other in pairs:
-        n = None if other is None else other[1]
+    for start, y, n in _blocks(readers):
         _check_values(y, n, start=start, plan=plan, readers=readers)
         stop = start + len(y)
         targets["counts"][start:stop] = _table_order(y, plan)
@@ -234,7 +273,7 @@ def _copy_blocks(
         log.info(
             "Modality '%s': features %d-%d of %d written.", plan.name, start + 1, stop, n_features
         )
-        del y, n, other  # release this block before the reader builds the next one
+        del y, n  # release this block before the reader builds the next one
 
 
 def _create(group: zarr.Group, name: str, plan: ModalityPlan) -> zarr.Array:
@@ -278,6 +317,16 @@ def _check_values(
                 f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs finite, "
                 f"non-negative counts, but {where} is {value} ({int(bad.sum())} such "
                 f"value(s) among features {start + 1}-{start + len(values)})."
+            )
+        bad = values != np.round(values)
+        if bad.any():
+            where, value = _first(bad, values, start, plan, reader)
+            raise InputDataError(
+                f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs whole "
+                f"counts, but {where} is {value} ({int(bad.sum())} such value(s) among "
+                f"features {start + 1}-{start + len(values)}). Normalised or log-transformed "
+                "values are not counts: give the raw counts (e.g. an AnnData `layer: counts`), "
+                "or use a normal/studentt modality for continuous scores."
             )
     if n is not None:
         bad = y > n

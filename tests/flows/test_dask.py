@@ -168,8 +168,9 @@ def test_dask_flags_equal_the_numpy_flags(
     assert expected.ntc_excluded_from_fit.any() and not expected.ntc_excluded_from_fit.all()
     with Client(cluster.scheduler_address) as client:
         for block_features in (None, 2, 3, 5):  # 5: the 11th feature joins the last block
-            _assert_same(dask_flags(path, family, groups, family, block_features=block_features),
-                         expected)
+            _assert_same(
+                dask_flags(path, family, groups, family, block_features=block_features), expected
+            )
         _assert_same(filter_features(root, family, groups, use_dask=True), expected)
         assert "bayesdream-flags" in _task_prefixes(client)
     _assert_same(read_flags(root, family), expected)
@@ -234,8 +235,10 @@ def test_cli_refuses_threads_and_a_cluster_together(
     with caplog.at_level(logging.ERROR, logger="bayesdream"):
         status = main(["run", str(config), "--dask", "tcp://127.0.0.1:8786", "--workers", "2"])
     assert status == 2
-    assert any("--workers 2 (threads) and --dask tcp://127.0.0.1:8786" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "--workers 2 (threads) and --dask tcp://127.0.0.1:8786" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_remote_cluster_without_an_api_url_warns(caplog: pytest.LogCaptureFixture) -> None:

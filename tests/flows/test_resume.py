@@ -7,29 +7,23 @@ runs in this process, under the same harness, so that spies can count what it re
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 import tasks.fingerprint
 import tasks.fitting
 import tasks.sampling
 from flows.technical_fit import technical_fit
+from tasks.checkpoint import decode_state
 from tasks.demo import write_demo_inputs
 from tasks.store import CIS_KEY, COMPLETE, fit_key, results_key
 
-RUN_FLOW = Path(__file__).with_name("_run_flow.py")
 CHECKPOINT = f"{fit_key('gene')}/{tasks.fitting.CHECKPOINT}"
 # SVI that never stops early (|a*(loss-ewma)| < 0 never holds) and checkpoints every
 # half second: the child is killed right after its first checkpoint, half a second before
@@ -45,7 +39,6 @@ SVI = [
 SAMPLING_DRAWS = 100
 SAMPLING = ["fit.niters=60", f"fit.nsamples={SAMPLING_DRAWS}", "fit.minibatch_size=1"]
 TIMING_ATTRS = {"fit_seconds", "sampling_seconds"}
-CHILD_TIMEOUT = 240.0
 
 
 # -- fixtures and helpers ---------------------------------------------------------------
@@ -63,78 +56,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _with_store(overrides: list[str], store: Path) -> list[str]:
     return [*overrides, f"store={store}"]
-
-
-def _child_env(folder: Path) -> dict[str, str]:
-    """The session's Prefect API (no server start per child), a private PREFECT_HOME, and
-    this process's code version, so that parent and child agree on every fingerprint."""
-    from prefect.settings import get_current_settings
-
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(folder / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        BAYESDREAM_CODE_VERSION=tasks.fingerprint.code_version(),
-    )
-    url = get_current_settings().api.url
-    if url:
-        env["PREFECT_API_URL"] = str(url)
-    return env
-
-
-class Child:
-    """The flow in a child process (its own process group), killed with SIGKILL."""
-
-    def __init__(self, config: Path, overrides: list[str], folder: Path) -> None:
-        self.log = folder / "child.log"
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, str(RUN_FLOW), str(config), *overrides],
-                cwd=folder,
-                env=_child_env(folder),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_until(self, condition: Callable[[], bool], what: str) -> None:
-        """Poll every 10 ms until `condition()`; fail if the child ends first."""
-        deadline = time.monotonic() + CHILD_TIMEOUT
-        while not condition():
-            if self.process.poll() is not None:
-                pytest.fail(
-                    f"the child ended (rc {self.process.returncode}) before {what}:\n{self.tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"no {what} after {CHILD_TIMEOUT:.0f} s:\n{self.tail()}")
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (no cleanup runs) and reap the child."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        assert self.process.returncode == -signal.SIGKILL, self.tail()
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-
-@pytest.fixture
-def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start children; any still running at the end of the test are killed."""
-    started: list[Child] = []
-
-    def start(config: Path, overrides: list[str]) -> Child:
-        started.append(Child(config, overrides, tmp_path))
-        return started[-1]
-
-    yield start
-    for running in started:
-        if running.process.poll() is None:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait(timeout=30)
 
 
 def _chunks_written(array_dir: Path) -> bool:
@@ -238,7 +159,7 @@ def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
     root = zarr.open_group(str(store), mode="r")
     fit = root[fit_key("gene")]
     assert COMPLETE not in fit.attrs and "loss" not in fit
-    state = torch.load(io.BytesIO(fit[tasks.fitting.CHECKPOINT][...].tobytes()), weights_only=False)
+    state = decode_state(fit[tasks.fitting.CHECKPOINT][...].tobytes())
     steps_done = len(state["losses"])
     assert 0 < steps_done < 250
 
@@ -280,6 +201,54 @@ def test_unreadable_checkpoint_restarts_the_fit(
     technical_fit(str(demo), overrides)
     assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
     assert any(m.startswith("Unreadable fit checkpoint") for m in messages)
+    reference = _uninterrupted(
+        demo, [*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], tmp_path / "ref.zarr"
+    )
+    _assert_same_results(store, reference)
+
+
+class _Payload:
+    """Unpickling this creates `path`: a stand-in for code planted in a store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_planted_pickle_in_a_checkpoint_is_never_run(
+    demo: Path, tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write into a store replaces a killed fit's checkpoint by a pickle
+    (the format of torch.save): resuming reads the store as data and never runs it."""
+    store = tmp_path / "planted.zarr"
+    overrides = _with_store([*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], store)
+    save = tasks.fitting._save_checkpoint
+
+    def save_then_die(group: zarr.Group, state: dict) -> None:
+        save(group, state)
+        raise RuntimeError("killed after a checkpoint")
+
+    monkeypatch.setattr(tasks.fitting, "_save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed after a checkpoint"):
+        technical_fit(str(demo), overrides)
+    monkeypatch.undo()
+    # the payload is live: unpickling it runs its code
+    probe = tmp_path / "probe-ran"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+    marker = tmp_path / "payload-ran"
+    planted = np.frombuffer(pickle.dumps({"losses": [], "evil": _Payload(marker)}), np.uint8)
+    group = zarr.open_group(str(store / fit_key("gene")), mode="a")
+    group.create_array(
+        tasks.fitting.CHECKPOINT, shape=planted.shape, dtype="uint8", overwrite=True
+    )[...] = planted
+
+    technical_fit(str(demo), overrides)
+    assert not marker.exists()
+    assert any("Unreadable fit checkpoint" in m and "not a bayesdream" in m for m in messages)
+    assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
     reference = _uninterrupted(
         demo, [*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], tmp_path / "ref.zarr"
     )

@@ -16,7 +16,7 @@ import zarr
 from flows.cli import main
 from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
-from tasks.errors import ConfigError, InputDataError
+from tasks.errors import ConfigError
 from tasks.store import CIS_KEY, COMPLETE, results_key
 
 NITERS, NSAMPLES = 100, 20
@@ -30,14 +30,25 @@ FLAGS = (
     "technical_correction_applied",
 )
 ATTRS = (
-    "distribution", "effect_type", "guide", "device", "niters_run", "nsamples", "fit_seconds",
-    "sampling_seconds", "complete",
+    "distribution",
+    "effect_type",
+    "guide",
+    "device",
+    "niters_run",
+    "nsamples",
+    "fit_seconds",
+    "sampling_seconds",
+    "complete",
 )
 
 
 def _demo(folder: Path, *, n_groups: int = 3, n_cells: int = 120, n_features: int = 10) -> Path:
     return write_demo_inputs(
-        folder, n_cells=n_cells, n_features=n_features, n_groups=n_groups, niters=NITERS,
+        folder,
+        n_cells=n_cells,
+        n_features=n_features,
+        n_groups=n_groups,
+        niters=NITERS,
         nsamples=NSAMPLES,
     )
 
@@ -106,8 +117,9 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
     assert list(group["group_labels"][...]) == list(truth["group_labels"])
 
     excluded = group["ntc_excluded_from_fit"][...]
-    zero, constant = names.index(str(truth["zero_feature"])), names.index(
-        str(truth["constant_feature"])
+    zero, constant = (
+        names.index(str(truth["zero_feature"])),
+        names.index(str(truth["constant_feature"])),
     )
     assert group["ntc_zero_count"][zero] and group["ntc_zero_std"][zero]
     assert group["ntc_zero_std"][constant] and not group["ntc_zero_count"][constant]
@@ -122,8 +134,12 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
     assert cis_group.attrs[COMPLETE] is True and cis_group.attrs["feature"] == cis
     shapes = {key: array.shape for key, array in cis_group.arrays()}
     assert shapes == {
-        "alpha_x": (NSAMPLES, 3), "alpha_x_mult": (NSAMPLES, 3), "alpha_x_add": (NSAMPLES, 3),
-        "log2_alpha_x": (NSAMPLES, 2), "mu_ntc": (NSAMPLES,), "o_x": (NSAMPLES,),
+        "alpha_x": (NSAMPLES, 3),
+        "alpha_x_mult": (NSAMPLES, 3),
+        "alpha_x_add": (NSAMPLES, 3),
+        "log2_alpha_x": (NSAMPLES, 2),
+        "mu_ntc": (NSAMPLES,),
+        "o_x": (NSAMPLES,),
         "phi_x": (NSAMPLES,),
     }
     assert all(np.isfinite(array[...]).all() for _, array in cis_group.arrays())
@@ -131,13 +147,19 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
     csv = tmp_path / "effects.csv"
     assert main(["summary", store, "--modality", "gene", "--out", str(csv)]) == 0
     table = pd.read_csv(csv)
-    assert list(table.columns) == ["feature", "group", "mean", "sd", "q05", "q50", "q95",
-                                   "excluded"]
+    assert list(table.columns) == [
+        "feature",
+        "group",
+        "mean",
+        "sd",
+        "q05",
+        "q50",
+        "q95",
+        "excluded",
+    ]
     assert len(table) == len(names) * 3
     assert not table.duplicated(["feature", "group"]).any()
-    assert set(table["feature"]) == set(names) and set(table["group"]) == set(
-        truth["group_labels"]
-    )
+    assert set(table["feature"]) == set(names) and set(table["group"]) == set(truth["group_labels"])
     baseline = table[table["group"] == truth["group_labels"][0]]
     assert (baseline[["mean", "q05", "q50", "q95"]] == 0).all().all()
     flagged = table.groupby("feature")["excluded"].first()
@@ -159,149 +181,6 @@ def test_shapes_for_each_number_of_groups(tmp_path: Path, n_groups: int) -> None
     assert root[CIS_KEY]["log2_alpha_x"].shape == (NSAMPLES, n_groups - 1)
     if n_groups == 1:
         assert (root[results_key("gene")]["alpha_y"][...] == 1).all()
-
-
-# -- bad input: a clear error, and no store that claims to be complete ---------------
-def _cells(config: Path) -> pd.DataFrame:
-    return pd.read_csv(config.parent / "cells.csv", dtype={"cell_line": str})
-
-
-def _counts(config: Path) -> pd.DataFrame:
-    return pd.read_csv(config.parent / "gene_counts.csv", index_col=0)
-
-
-def _drop_column(config: Path) -> str:
-    _cells(config).drop(columns="cell_line").to_csv(config.parent / "cells.csv", index=False)
-    return r"cells\.csv' is missing column\(s\) \['cell_line'\]"
-
-
-def _unknown_cells(config: Path) -> str:
-    counts = _counts(config)
-    counts.columns = [*counts.columns[:-2], "ghost_1", "ghost_2"]
-    counts.to_csv(config.parent / "gene_counts.csv")
-    return r"gene_counts\.csv' has 2 cell id\(s\) that are not in the cells table.*ghost_1"
-
-
-def _negative_counts(config: Path) -> str:
-    counts = _counts(config)
-    counts.iloc[1, 4] = -3
-    counts.to_csv(config.parent / "gene_counts.csv")
-    return (
-        rf"gene_counts\.csv'.*non-negative.*feature '{counts.index[1]}' in cell "
-        rf"'{counts.columns[4]}' is -3"
-    )
-
-
-def _zero_size_factor(config: Path) -> str:
-    cells = _cells(config)
-    cells.loc[3, "sum_factor"] = 0.0
-    cells.to_csv(config.parent / "cells.csv", index=False)
-    return rf"cells\.csv'.*size-factor column 'sum_factor'.*1 cell.*{cells.loc[3, 'cell']}"
-
-
-def _missing_covariate(config: Path) -> str:
-    cells = _cells(config)
-    cells.loc[[2, 5], "cell_line"] = np.nan
-    cells.to_csv(config.parent / "cells.csv", index=False)
-    return r"cells\.csv'.*column 'cell_line' has missing values in 2 cell"
-
-
-def _group_without_ntc(config: Path) -> str:
-    cells = _cells(config)
-    cells.loc[cells["cell_line"] == "TF1", "target"] = "MYB"
-    cells.to_csv(config.parent / "cells.csv", index=False)
-    _edit_config(config, groups_without_ntc="error")
-    return r"without NTC cells.*'TF1': \d+"
-
-
-def _short_feature_list(config: Path) -> str:
-    counts = _counts(config)
-    np.save(config.parent / "counts.npy", counts.to_numpy())
-    (config.parent / "features.txt").write_text("\n".join(counts.index[:-1]) + "\n")
-    (config.parent / "cells.txt").write_text("\n".join(counts.columns) + "\n")
-    data = yaml.safe_load(config.read_text())
-    data["modalities"]["gene"].update(
-        counts="counts.npy", features="features.txt", cells="cells.txt"
-    )
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
-    return (
-        rf"features\.txt' lists {len(counts) - 1} names but matrix '.*counts\.npy' has "
-        rf"{len(counts)} rows \(features\) \(shape \({len(counts)}, {counts.shape[1]}\)\)"
-    )
-
-
-BAD_INPUTS = {
-    "missing-column": _drop_column,
-    "unknown-cell-ids": _unknown_cells,
-    "negative-counts": _negative_counts,
-    "zero-size-factor": _zero_size_factor,
-    "missing-covariate": _missing_covariate,
-    "group-without-ntc": _group_without_ntc,
-    "feature-names-vs-shape": _short_feature_list,
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_fails_clearly_and_claims_nothing(tmp_path: Path, case: str) -> None:
-    config = _demo(tmp_path / "demo", n_cells=60, n_features=8)
-    message = BAD_INPUTS[case](config)
-    with pytest.raises(InputDataError, match=message):
-        technical_fit(str(config))
-    assert _claims_complete(_store(config)) == []
-
-
-def test_group_without_ntc_is_dropped_by_default(tmp_path: Path) -> None:
-    config = _demo(tmp_path / "demo", n_cells=60, n_features=8)
-    cells = _cells(config)
-    cells.loc[cells["cell_line"] == "TF1", "target"] = "MYB"
-    cells.to_csv(config.parent / "cells.csv", index=False)
-    root = zarr.open_group(technical_fit(str(config)), mode="r")
-    assert root.attrs[COMPLETE] is True
-    group = root[results_key("gene")]
-    assert list(group["group_labels"][...]) == ["HEL", "K562"]
-    assert group["alpha_y"].shape[1] == 2
-    assert root["prep/groups"].attrs["dropped"] == {"TF1": int((cells["cell_line"] == "TF1").sum())}
-
-
-def test_failed_rerun_withdraws_the_previous_completion(tmp_path: Path) -> None:
-    config = _demo(tmp_path / "demo", n_cells=60, n_features=8)
-    store = _store(config)
-    cells_csv = (config.parent / "cells.csv").read_text()
-    technical_fit(str(config))
-    assert _claims_complete(store) == ["/", "technical/cis", "technical/gene"]
-
-    # a rerun without the cis feature must not leave the old cis results claiming anything
-    technical_fit(str(config), ["modalities.gene.cis_feature=null"])
-    assert _claims_complete(store) == ["/", "technical/gene"]
-    assert CIS_KEY not in zarr.open_group(str(store), mode="r")
-
-    # a failure in pre-flight (nothing rewritten) still withdraws the completion marks
-    with pytest.raises(InputDataError, match=_drop_column(config)):
-        technical_fit(str(config))
-    assert _claims_complete(store) == []
-    assert "technical/gene/alpha_y" in zarr.open_group(str(store), mode="r")
-
-    (config.parent / "cells.csv").write_text(cells_csv)
-    technical_fit(str(config))
-    assert _claims_complete(store) == ["/", "technical/cis", "technical/gene"]
-    with pytest.raises(InputDataError, match=_negative_counts(config)):
-        technical_fit(str(config))
-    assert _claims_complete(store) == []
-
-
-def test_bad_second_modality_fails_before_any_fit(tmp_path: Path) -> None:
-    config = _demo(tmp_path / "demo", n_cells=60, n_features=8)
-    counts = _counts(config)
-    counts.iloc[0, 0] = -1
-    counts.to_csv(config.parent / "other_counts.csv")
-    data = yaml.safe_load(config.read_text())
-    data["modalities"]["other"] = {"distribution": "negbinom", "counts": "other_counts.csv"}
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(InputDataError, match=r"other_counts\.csv'.*non-negative"):
-        technical_fit(str(config))
-    store = _store(config)
-    assert _claims_complete(store) == []
-    assert "fit" not in zarr.open_group(str(store), mode="r")
 
 
 def test_unknown_modality_is_a_config_error(tmp_path: Path) -> None:
@@ -329,8 +208,10 @@ def test_cli_invalid_key_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         status = main(["run", str(config), "--set", "fit.nitres=50"])
     assert status == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(re.search(r"unknown key\(s\): fit\.nitres \(did you mean fit\.niters\?\)", e)
-               for e in errors)
+    assert any(
+        re.search(r"unknown key\(s\): fit\.nitres \(did you mean fit\.niters\?\)", e)
+        for e in errors
+    )
     assert _claims_complete(_store(config)) == []
 
 
