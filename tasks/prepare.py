@@ -15,12 +15,15 @@ from tasks.errors import InputDataError
 from tasks.groups import GroupAssignment
 from tasks.store import (
     CELLS,
+    FEATURE,
     FEATURE_CHUNK,
     fresh_group,
     inputs_key,
     mark_complete,
     prep_key,
+    read_strings,
     write_array,
+    write_coordinates,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,7 +110,8 @@ def filter_features(
         )
     group = fresh_group(root, prep_key(name), "bayesdream-filters", distribution=distribution)
     for flag, values in flags.as_dict().items():
-        write_array(group, flag, values)
+        write_array(group, flag, values, dims=(FEATURE,))
+    write_coordinates(group, features=read_strings(root[inputs_key(name)], "feature_names"))
     mark_complete(group)
     if excluded.any():
         log.warning(

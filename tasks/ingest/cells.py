@@ -18,7 +18,7 @@ from bayesdream_model.distributions import requires_sum_factor
 from tasks.config import RunConfig
 from tasks.errors import InputDataError
 from tasks.ingest.readers import plain_suffix
-from tasks.store import CELLS, fresh_group, mark_complete, write_array, write_strings
+from tasks.store import CELL, CELLS, fresh_group, mark_complete, write_array, write_strings
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +129,16 @@ def write_cells(
     group = fresh_group(
         root, CELLS, "bayesdream-cells", covariates=list(covariates), sum_factor_col=sum_factor_col
     )
-    write_strings(group, CELL_COLUMN, table[CELL_COLUMN].to_numpy())
-    write_strings(group, TARGET_COLUMN, table[TARGET_COLUMN].to_numpy())
+    write_strings(group, CELL_COLUMN, table[CELL_COLUMN].to_numpy(), dims=(CELL,))
+    write_strings(group, TARGET_COLUMN, table[TARGET_COLUMN].to_numpy(), dims=(CELL,))
     if sum_factor_col in table.columns:
         sum_factor = table[sum_factor_col].to_numpy(dtype=np.float64)
     else:
         sum_factor = np.full(len(table), np.nan)
-    write_array(group, "sum_factor", sum_factor)
+    write_array(group, "sum_factor", sum_factor, dims=(CELL,))
     covariate_group = group.require_group("covariates")
     for column in covariates:
-        write_strings(covariate_group, column, table[column].to_numpy())
+        write_strings(covariate_group, column, table[column].to_numpy(), dims=(CELL,))
     mark_complete(group)
     logger.info("Wrote %d cells to '%s'.", len(table), CELLS)
     return group

@@ -24,12 +24,18 @@ from tasks.config import ModalityConfig, RunConfig
 from tasks.errors import InputDataError
 from tasks.ingest.readers import MatrixReader, open_matrix
 from tasks.store import (
+    CATEGORY,
+    CELL,
     CELL_CHUNK,
+    CELLS,
+    FEATURE,
     FEATURE_CHUNK,
     fresh_group,
     inputs_key,
     mark_complete,
+    read_strings,
     write_array,
+    write_coordinates,
     write_strings,
 )
 
@@ -197,8 +203,7 @@ def ingest_modality(
     )
     try:
         _copy_blocks(group, plan, (counts, denominator), log)
-        write_strings(group, "feature_names", plan.feature_names)
-        write_array(group, "present", plan.present)
+        _write_names(root, group, plan)
         mark_complete(group)
     except BaseException:
         if key in root:
@@ -206,6 +211,18 @@ def ingest_modality(
         raise
     log.info("Modality '%s': ingested %s from '%s'.", name, plan.stored_shape, counts.path)
     return group
+
+
+def _write_names(root: zarr.Group, group: zarr.Group, plan: ModalityPlan) -> None:
+    """Feature names, which table cells are present, and the coordinates xarray reads."""
+    write_strings(group, "feature_names", plan.feature_names, dims=(FEATURE,))
+    write_array(group, "present", plan.present, dims=(CELL,))
+    n_categories = plan.shape[2] if len(plan.shape) == 3 else None
+    write_coordinates(group, features=plan.feature_names, n_categories=n_categories)
+    if CELLS in root and CELL in root[CELLS]:  # the cells table's ids label the cell axis
+        ids = read_strings(root[CELLS], CELL)
+        if len(ids) == plan.n_table_cells:
+            write_strings(group, CELL, ids, dims=(CELL,))
 
 
 def _copy_blocks(
@@ -240,8 +257,14 @@ def _copy_blocks(
 def _create(group: zarr.Group, name: str, plan: ModalityPlan) -> zarr.Array:
     """A NaN-filled float32 array chunked (features, cells(, K))."""
     chunks = (FEATURE_CHUNK, CELL_CHUNK, *plan.shape[2:])
+    dims = (FEATURE, CELL, CATEGORY)[: len(plan.stored_shape)]
     return group.create_array(
-        name, shape=plan.stored_shape, chunks=chunks, dtype="float32", fill_value=np.nan
+        name,
+        shape=plan.stored_shape,
+        chunks=chunks,
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=dims,
     )
 
 
