@@ -20,7 +20,8 @@ import pandas as pd
 import zarr
 
 from bayesdream_model.distributions import get_spec
-from tasks.config import ModalityConfig, RunConfig
+from tasks.anndata_files import is_anndata_path
+from tasks.config import ModalityConfig, RunConfig, denominator_modality
 from tasks.errors import InputDataError
 from tasks.ingest.readers import MatrixReader, open_matrix
 from tasks.store import (
@@ -96,13 +97,17 @@ def check_modality(
 
 def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | None]:
     """Readers for the counts and (binomial) the denominator, which may borrow names."""
-    counts = open_matrix(mod.counts, features=mod.features, cells=mod.cells)
+    counts = open_matrix(
+        mod.counts, features=mod.features, cells=mod.cells, layer=mod.layer, modality=mod.modality
+    )
     if mod.denominator is None:
         return counts, None
     denominator = open_matrix(
         mod.denominator,
         features=mod.features if mod.features is not None else counts.feature_names,
         cells=mod.cells if mod.cells is not None else counts.cell_ids,
+        layer=mod.denominator_layer,
+        modality=denominator_modality(mod),
     )
     return counts, denominator
 
@@ -123,9 +128,13 @@ def _check_unique(names: np.ndarray, what: str, path: Path) -> None:
     index = pd.Index(names)
     if not index.is_unique:
         repeated = index[index.duplicated()].unique()
+        hint = ""
+        if is_anndata_path(path):
+            fix = "var_names" if what == "feature names" else "obs_names"
+            hint = f" (in AnnData: `adata.{fix}_make_unique()`)"
         raise InputDataError(
             f"'{path}' has {len(repeated)} duplicated {what} (first: "
-            f"{_first_ids(repeated)}); {what} must be unique."
+            f"{_first_ids(repeated)}); {what} must be unique{hint}."
         )
 
 
@@ -199,6 +208,8 @@ def ingest_modality(
         distribution=mod.distribution,
         source=str(mod.counts),
         denominator_source=None if mod.denominator is None else str(mod.denominator),
+        layer=mod.layer,
+        source_modality=mod.modality,
         n_cells_present=int(plan.present.sum()),
     )
     try:
