@@ -413,3 +413,16 @@ def test_cells_modality_on_an_anndata_file(tmp_path: Path) -> None:
             {"gene": {"distribution": "negbinom", "counts": "screen.h5ad"}},
             cells_modality="rna",
         )
+
+
+def test_layer_and_modality_are_part_of_the_ingest_fingerprint(tmp_path: Path) -> None:
+    """Another layer of the same file is another input: ingestion (and all after) reruns."""
+    from tasks.fingerprint import fingerprints
+
+    _write(_adata(), tmp_path / "screen.h5ad")
+    gene = {"distribution": "negbinom", "counts": "screen.h5ad"}
+    plain = fingerprints(_config(tmp_path, {"gene": gene}))
+    counts = fingerprints(_config(tmp_path, {"gene": {**gene, "layer": "counts"}}))
+    assert plain.cells == counts.cells
+    assert plain.ingest["gene"] != counts.ingest["gene"]
+    assert plain.sample["gene"] != counts.sample["gene"]
