@@ -25,7 +25,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesdream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="fit the technical model as a config says")
+    run = sub.add_parser(
+        "run",
+        help="fit the technical model as a config says (the model: docs/model.md)",
+        description="Fit the technical model of bayesDREAM to the NTC cells of each modality "
+        "as the config says; docs/model.md describes the model, its priors, guides and stop "
+        "rule.",
+    )
     run.add_argument("config", type=Path)
     run.add_argument(
         "--set",

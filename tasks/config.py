@@ -14,6 +14,8 @@ a modality's with `cells_modality:`), `counts: screen.h5mu` with `modality: rna`
 `layer: counts` (X by default, `raw` for raw.X). The file is opened at validation to
 check that the modality and layer exist.
 
+What each `fit:` option changes in the model is described in docs/model.md.
+
 `load_config(path, overrides)` reads the file, applies `--set key.path=value` overrides
 and returns a frozen `RunConfig`; every problem (unknown key, bad value, missing file)
 is reported at once in a `ConfigError` that names the file and each offending key.
@@ -177,9 +179,11 @@ class FitConfig(BaseModel):
     minibatch_size: int | None = Field(default=None, gt=0)  # None: planned from memory
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(default=0, ge=0)
-    # auto: SPEC's guide, with a full covariance per feature where SPEC says mean-field
+    # auto: the reference bayesDREAM's guide, with a full covariance per feature where it
+    # uses mean-field; mean_field: the reference's choice exactly (docs/model.md, section 7)
     guide: Literal["auto", "mean_field", "feature_mvn", "iaf"] = "auto"
-    # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
+    # plateau: stop when the loss no longer improves beyond its noise; ewma: the
+    # reference's rule (docs/model.md, section 8)
     convergence: Literal["plateau", "ewma"] = "plateau"
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
     checkpoint_seconds: float = Field(default=30.0, gt=0)  # SVI state saved this often

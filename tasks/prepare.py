@@ -89,7 +89,8 @@ def filter_features(
     *,
     use_dask: bool | None = None,
 ) -> FilterFlags:
-    """SPEC "Feature filters" on the fit cells; writes `prep/<name>/` (complete last).
+    """The feature filters (docs/model.md, section 4) on the fit cells; writes `prep/<name>/`
+    (complete last).
 
     `use_dask`: compute the flags with Dask over the store's chunks (`tasks.distributed`,
     the same values); None (default) does so when this runs on a Dask worker, i.e. when the
