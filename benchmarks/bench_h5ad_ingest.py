@@ -235,6 +235,19 @@ def same_stores(folder: Path) -> bool:
     return True
 
 
+def ratios(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each AnnData run's time and peak RSS over the npz run's."""
+    npz = runs["npz_csr"]
+    return {
+        run: {
+            "wall": round(runs[run]["wall_s"] / npz["wall_s"], 2),
+            "ingest": round(runs[run]["ingest_s"] / npz["ingest_s"], 2),
+            "peak_rss": round(runs[run]["peak_rss_mb"] / npz["peak_rss_mb"], 2),
+        }
+        for run in ("h5ad_csr", "h5ad_csc")
+    }
+
+
 def table(report: dict[str, Any]) -> str:
     s = report["screen"]
     lines = [
@@ -292,15 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in RUNS:
             print(f"ingesting {run} (fresh subprocess) ...", flush=True)
             report["runs"][run] = spawn(args, run, folder)
-        npz = report["runs"]["npz_csr"]
-        report["ratios"] = {
-            run: {
-                "wall": round(report["runs"][run]["wall_s"] / npz["wall_s"], 2),
-                "ingest": round(report["runs"][run]["ingest_s"] / npz["ingest_s"], 2),
-                "peak_rss": round(report["runs"][run]["peak_rss_mb"] / npz["peak_rss_mb"], 2),
-            }
-            for run in ("h5ad_csr", "h5ad_csc")
-        }
+        report["ratios"] = ratios(report["runs"])
         report["stores_equal"] = same_stores(folder)
         report["load_average_end"] = load_average()
         text = table(report)
