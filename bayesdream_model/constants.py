@@ -15,6 +15,6 @@ CELL_DIM = -2
 
 OBS_SITE = "y"
 
-# Numerical floors named by the SPEC.
+# Numerical floors of the model (docs/model.md).
 EPSILON = 1e-6
 LOG_EPS = 1e-8

@@ -1,4 +1,4 @@
-"""Guide choice (SPEC "Inference: Guides") and construction with data-driven initial values."""
+"""Guide choice (docs/model.md, "Guides") and construction with data-driven initial values."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class GuideChoice:
 
 
 def flow_bytes(n_latent: int) -> float:
-    """SPEC estimate of an IAF guide's memory: n_latent^2 * 4 B * 3 * 1.5."""
+    """The reference bayesDREAM's estimate of an IAF guide's memory: n_latent^2 * 4 B * 3 * 1.5."""
     return n_latent**2 * 4 * 3 * 1.5
 
 
@@ -121,8 +121,8 @@ class AutoAnchoredIAFNormal(AutoNormalizingFlow):
     unconstrained space, far from posteriors of counts in the hundreds, and with the
     one-cycle peak learning rate it diverges to NaN within ~150 steps on simulated
     screens. Here a fixed affine map `z -> init_loc + anchor_scale * z` follows the
-    flow, so the guide starts at the SPEC's initial values (empirical effects, prior
-    medians) and the flow (hidden width = n_latent, as SPEC's memory rule assumes)
+    flow, so the guide starts at the initial values (empirical effects, prior
+    medians) and the flow (hidden width = n_latent, as the reference's memory rule assumes)
     learns the posterior's shape and correlations around them.
     """
 

@@ -32,7 +32,7 @@ ProgressFn = Callable[[int, int, float], None]  # (step, niters, loss)
 
 @dataclass(frozen=True)
 class SviSettings:
-    """SPEC "Optimiser" defaults; `niters` already resolved for the guide."""
+    """Optimiser defaults (docs/model.md, "Optimisation"); `niters` already resolved."""
 
     niters: int
     lr: float = 1e-3
@@ -41,7 +41,8 @@ class SviSettings:
     peak_factor: float = 10.0
     clip_norm: float = 10.0
     log_every: int = 1000
-    #: "plateau": windowed, noise-aware (default); "ewma": SPEC's |a·(loss - ewma)| < tol
+    #: "plateau": windowed, noise-aware (default); "ewma": the reference's
+    #: |a·(loss - ewma)| < tol
     convergence: Literal["plateau", "ewma"] = "plateau"
     window: int = 250
     patience: int = 3

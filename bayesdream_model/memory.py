@@ -1,4 +1,4 @@
-"""Memory planning for posterior sampling (SPEC "Posterior sampling"): arithmetic only.
+"""Memory planning for posterior sampling (docs/model.md, section 9): arithmetic only.
 
 The tasks layer reads the environment (SLURM variables, psutil, CUDA) and passes numbers.
 """

@@ -1,9 +1,9 @@
-"""Plain dense per-cell log-likelihoods of every family, written straight from SPEC.md.
+"""Plain dense per-cell log-likelihoods of every family, written straight from docs/model.md.
 
 These are the references the fast likelihoods (sufficient statistics, sorted cells, a
 fused negbinom kernel) are checked against: no statistics, no custom autograd, one
 [N, T] tensor of per-cell terms built with torch / pyro distributions, exactly as
-SPEC "Likelihoods" words it. Each `dense_log_likelihood_<name>(params, data)` takes the
+docs/model.md ("Likelihoods") words it. Each `dense_log_likelihood_<name>(params, data)` takes the
 `params` dict the family's `observe` receives (the return value of its
 `sample_latents`) and the fit cells' `FitArrays`, and returns the per-cell
 log-likelihood [N, T] (multinomial: summed over K), 0 where a cell contributes nothing.
@@ -24,11 +24,11 @@ from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions.base import Family
 from bayesdream_model.plates import Plates
 
-NB_EPS = 1e-8  # SPEC: logits = log(mu + 1e-8) - log(phi + 1e-8)
-P_CLAMP = 1e-6  # SPEC: mu_ntc clamped to [1e-6, 1 - 1e-6] before the logit
-LOG_P_CLAMP = 1e-12  # SPEC: p clamped to [1e-12, 1 - 1e-12] before the logs
-P_FLOOR = 1e-12  # SPEC: multinomial p floored at 1e-12
-STUDENT_DF = 3.0  # SPEC: Student-t likelihood df
+NB_EPS = 1e-8  # logits = log(mu + 1e-8) - log(phi + 1e-8)
+P_CLAMP = 1e-6  # mu_ntc clamped to [1e-6, 1 - 1e-6] before the logit
+LOG_P_CLAMP = 1e-12  # p clamped to [1e-12, 1 - 1e-12] before the logs
+P_FLOOR = 1e-12  # multinomial p floored at 1e-12
+STUDENT_DF = 3.0  # Student-t likelihood df
 
 
 def _like(params: dict, key: str) -> torch.Tensor:
@@ -67,7 +67,7 @@ def dense_log_likelihood_binomial(params: dict, data: FitArrays) -> torch.Tensor
     """y log p + (n - y) log(1 - p) per cell with n > 0, else 0 [N, T].
 
     logit p = logit(clamp(mu_ntc, 1e-6, 1 - 1e-6)) + alpha[g]; p clamped to
-    [1e-12, 1 - 1e-12]. The combinatorial term is dropped, as SPEC allows.
+    [1e-12, 1 - 1e-12]. The combinatorial term is dropped, as the model allows.
     """
     mu = _like(params, "mu_ntc").clamp(P_CLAMP, 1 - P_CLAMP)  # [T]
     alpha = _group_rows(params.get("alpha_logit_y"), mu, data.groups)  # [N, T]

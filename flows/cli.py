@@ -1,4 +1,4 @@
-"""The `bayesdream` command line: run, summary, demo, deploy."""
+"""The `bayesdream` command line: run, summary, export, demo, deploy."""
 
 from __future__ import annotations
 
@@ -25,7 +25,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesdream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="fit the technical model as a config says")
+    run = sub.add_parser(
+        "run",
+        help="fit the technical model as a config says (the model: docs/model.md)",
+        description="Fit the technical model of bayesDREAM to the NTC cells of each modality "
+        "as the config says; docs/model.md describes the model, its priors, guides and stop "
+        "rule.",
+    )
     run.add_argument("config", type=Path)
     run.add_argument(
         "--set",
@@ -69,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("store", type=Path)
     summary.add_argument("--modality", required=True)
     summary.add_argument("--out", type=Path, help="CSV path (default: standard output)")
+    export = sub.add_parser(
+        "export",
+        help="a modality's effects as an AnnData (.h5ad: var = features, varm = effect "
+        "summaries [features x groups]) or a table (parquet, csv)",
+    )
+    export.add_argument("store", type=Path)
+    export.add_argument("--modality", required=True)
+    export.add_argument("--out", type=Path, required=True, help="e.g. effects.h5ad")
+    export.add_argument(
+        "--format",
+        choices=("h5ad", "parquet", "csv"),
+        help="default: from the suffix of --out",
+    )
     demo = sub.add_parser("demo", help="simulate a small screen and run the whole flow on it")
     demo.add_argument("--dir", type=Path, default=Path("demo_run"))
     deploy = sub.add_parser("deploy", help="register a prefect.yaml's deployments with the API")
@@ -135,6 +154,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             table.to_csv(args.out, index=False)
             log.info("Wrote %d rows (%s scale) to %s", len(table), table.attrs["scale"], args.out)
+        return 0
+    if args.command == "export":
+        from tasks.export import export_effects
+
+        export_effects(str(args.store), args.modality, args.out, args.format)
         return 0
     from flows.technical_fit import run_demo, technical_fit
 

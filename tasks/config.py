@@ -9,6 +9,13 @@ modalities:
 fit: {niters: 2000, nsamples: 500}
 ```
 
+AnnData and MuData files are read as they are: `cells: screen.h5mu` (the global obs, or
+a modality's with `cells_modality:`), `counts: screen.h5mu` with `modality: rna` and
+`layer: counts` (X by default, `raw` for raw.X). The file is opened at validation to
+check that the modality and layer exist.
+
+What each `fit:` option changes in the model is described in docs/model.md.
+
 `load_config(path, overrides)` reads the file, applies `--set key.path=value` overrides
 and returns a frozen `RunConfig`; every problem (unknown key, bad value, missing file)
 is reported at once in a `ConfigError` that names the file and each offending key.
@@ -34,7 +41,13 @@ from pydantic import (
 )
 
 from bayesdream_model.distributions import DISTRIBUTIONS, get_spec
-from tasks.errors import ConfigError
+from tasks.anndata_files import (
+    check_obs_source,
+    check_selection,
+    is_anndata_path,
+    is_mudata_file,
+)
+from tasks.errors import ConfigError, InputDataError
 
 Distribution = Literal[DISTRIBUTIONS]  # type: ignore[valid-type]  # from the registry
 
@@ -66,6 +79,10 @@ class ModalityConfig(BaseModel):
     features: Path | None = None
     cells: Path | None = None
     cis_feature: str | None = None
+    # AnnData / MuData counts: the matrix (X, raw, or a layers/ name) and the modality
+    layer: str | None = None
+    modality: str | None = None
+    denominator_layer: str | None = None  # binomial: the denominator's layer (default X)
 
     @field_validator("counts", "denominator", "features", "cells", mode="after")
     @classmethod
@@ -107,9 +124,42 @@ class ModalityConfig(BaseModel):
                 f"cis feature on a non-negbinom modality ({self.distribution}): "
                 "the cis feature must be on a negbinom modality"
             )
+        problems += self._anndata_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _anndata_problems(self) -> list[str]:
+        """`layer:`/`modality:` only for AnnData/MuData files, naming what exists there."""
+        problems = []
+        for key, path, layer in [
+            ("counts", self.counts, self.layer),
+            ("denominator", self.denominator, self.denominator_layer),
+        ]:
+            if path is not None and is_anndata_path(path):
+                try:
+                    # The denominator's file is read in the same modality when it is MuData.
+                    modality = self.modality if key == "counts" else denominator_modality(self)
+                    check_selection(path, modality=modality, layer=layer)
+                except InputDataError as err:
+                    problems.append(f"{key}: {err}")
+                continue
+            selectors = [layer] + ([self.modality] if key == "counts" else [])
+            if any(v is not None for v in selectors):
+                given = "`layer:`/`modality:`" if key == "counts" else "`denominator_layer:`"
+                shown = "not given" if path is None else f"'{path.name}'"
+                problems.append(
+                    f"{given} select a matrix in AnnData/MuData files (.h5ad, .h5mu, .zarr), "
+                    f"but `{key}:` is {shown}"
+                )
+        return problems
+
+
+def denominator_modality(mod: ModalityConfig) -> str | None:
+    """The modality the denominator is read from: the counts' one when its file is MuData."""
+    if mod.denominator is None or mod.modality is None:
+        return None
+    return mod.modality if is_mudata_file(mod.denominator) else None
 
 
 def _has_unnamed_suffix(path: Path) -> bool:
@@ -129,9 +179,11 @@ class FitConfig(BaseModel):
     minibatch_size: int | None = Field(default=None, gt=0)  # None: planned from memory
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(default=0, ge=0, lt=2**32)  # torch's and numpy's seeds are 32-bit
-    # auto: SPEC's guide, with a full covariance per feature where SPEC says mean-field
+    # auto: a full covariance per feature, for every family and size; mean_field: the
+    # reference bayesDREAM's choice exactly (docs/model.md, section 7)
     guide: Literal["auto", "mean_field", "feature_mvn", "iaf"] = "auto"
-    # plateau: stop when the loss no longer improves beyond its noise; ewma: SPEC's rule
+    # plateau: stop when the loss no longer improves beyond its noise; ewma: the
+    # reference's rule (docs/model.md, section 8)
     convergence: Literal["plateau", "ewma"] = "plateau"
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
     checkpoint_seconds: float = Field(default=30.0, gt=0)  # SVI state saved this often
@@ -150,6 +202,7 @@ class RunConfig(BaseModel):
 
     store: Path
     cells: Path
+    cells_modality: str | None = None  # MuData cells: this modality's obs (None: global obs)
     covariates: list[str] = Field(default_factory=list)
     sum_factor_col: str = "sum_factor"
     use_all_cells: bool = False
@@ -166,11 +219,27 @@ class RunConfig(BaseModel):
     @field_validator("cells", mode="after")
     @classmethod
     def _cells_exist(cls, value: Path, info: ValidationInfo) -> Path:
-        """The cells table must exist."""
+        """The cells table must exist (a file, or an AnnData Zarr folder)."""
         path = _resolve(value, info)
-        if not path.is_file():
+        if not (path.is_file() or (is_anndata_path(path) and path.is_dir())):
             raise ValueError(f"file not found: '{path}'")
         return path
+
+    @model_validator(mode="after")
+    def _cells_source(self) -> RunConfig:
+        """`cells_modality:` only for MuData cells; the obs it names must exist."""
+        if not is_anndata_path(self.cells):
+            if self.cells_modality is not None:
+                raise ValueError(
+                    f"`cells_modality: {self.cells_modality}` picks a MuData modality's obs, "
+                    f"but `cells:` is '{self.cells.name}', not a MuData file (.h5mu)"
+                )
+            return self
+        try:
+            check_obs_source(self.cells, modality=self.cells_modality)
+        except InputDataError as err:
+            raise ValueError(f"cells: {err}") from None
+        return self
 
     @field_validator("covariates", mode="after")
     @classmethod

@@ -70,7 +70,14 @@ class Fingerprints:
 def fingerprints(cfg: RunConfig) -> Fingerprints:
     """Every step's fingerprint for `cfg` (hashes input files by content)."""
     code = code_version()
-    cells = _hash("cells", content_digest(cfg.cells), cfg.covariates, cfg.sum_factor_col, code)
+    cells = _hash(
+        "cells",
+        content_digest(cfg.cells),
+        cfg.cells_modality,
+        cfg.covariates,
+        cfg.sum_factor_col,
+        code,
+    )
     groups = _hash("groups", cells, cfg.use_all_cells, cfg.groups_without_ntc)
     fit_options = cfg.fit.model_dump(
         exclude={"nsamples", "minibatch_size", "threads", "checkpoint_seconds"}
@@ -78,7 +85,8 @@ def fingerprints(cfg: RunConfig) -> Fingerprints:
     ingest, filters, fits, samples = {}, {}, {}, {}
     for name, mod in cfg.modalities.items():
         files = [content_digest(p) for p in (mod.counts, mod.denominator, mod.features, mod.cells)]
-        ingest[name] = _hash("ingest", files, mod.distribution, cells, code)
+        selection = (mod.layer, mod.modality, mod.denominator_layer)  # AnnData / MuData
+        ingest[name] = _hash("ingest", files, selection, mod.distribution, cells, code)
         filters[name] = _hash("filter", ingest[name], groups)
         fits[name] = _hash("fit", filters[name], fit_options)
         samples[name] = _hash(

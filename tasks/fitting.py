@@ -21,7 +21,17 @@ from tasks.errors import StoreError
 from tasks.groups import GroupAssignment, read_groups
 from tasks.prepare import fit_cell_index, read_fit_arrays, read_flags
 from tasks.resources import resolve_device, sampling_budget, set_torch_threads, total_vram
-from tasks.store import COMPLETE, fit_key, fresh_group, inputs_key, mark_complete, write_array
+from tasks.store import (
+    COMPLETE,
+    FIT_FEATURE,
+    STEP,
+    fit_key,
+    fresh_group,
+    generic_dims,
+    inputs_key,
+    mark_complete,
+    write_array,
+)
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -179,7 +189,12 @@ def _save_checkpoint(group: zarr.Group, state: dict) -> None:
     numeric arrays, no pickle); a chunk write is atomic (temp file + rename)."""
     data = np.frombuffer(encode_state(state), dtype=np.uint8)
     group.create_array(
-        CHECKPOINT, shape=data.shape, chunks=data.shape, dtype="uint8", overwrite=True
+        CHECKPOINT,
+        shape=data.shape,
+        chunks=data.shape,
+        dtype="uint8",
+        overwrite=True,
+        dimension_names=generic_dims(CHECKPOINT, 1),
     )[...] = data
 
 
@@ -197,15 +212,15 @@ def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, dev
     )
     params = group.require_group("params")
     for key, value in fitted.params().items():
-        write_array(params, key, value)
+        write_array(params, key, value, dims=generic_dims(key, np.ndim(value)))
     inputs = group.require_group("inputs")
     prior_inputs = fitted.prior_inputs()
     for key, value in prior_inputs.items():
-        write_array(inputs, key, value)
+        write_array(inputs, key, value, dims=generic_dims(key, np.ndim(value)))
     # A store lists its arrays in no particular order; the model reads T off the first input.
     inputs.attrs[INPUT_ORDER] = list(prior_inputs)
-    write_array(group, "loss", fitted.svi.losses.astype(np.float64))
-    write_array(group, "features", features.astype(np.int64))
+    write_array(group, "loss", fitted.svi.losses.astype(np.float64), dims=(STEP,))
+    write_array(group, "features", features.astype(np.int64), dims=(FIT_FEATURE,))
     if CHECKPOINT in group:
         del group[CHECKPOINT]
     mark_complete(group)

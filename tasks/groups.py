@@ -11,12 +11,15 @@ import zarr
 
 from tasks.errors import InputDataError
 from tasks.store import (
+    CELL,
     CELLS,
+    GROUP,
     GROUPS,
     fresh_group,
     mark_complete,
     read_strings,
     write_array,
+    write_coordinates,
     write_strings,
 )
 
@@ -117,9 +120,10 @@ def assign_groups_in_store(
         )
     result = assign_groups(covariates, is_ntc, use_all_cells=use_all_cells, policy=policy)
     group = fresh_group(root, GROUPS, "bayesdream-groups", covariates=covariate_names)
-    write_array(group, "code", result.code)
-    write_array(group, "fit", result.fit)
-    write_strings(group, "labels", result.labels)
+    write_array(group, "code", result.code, dims=(CELL,))
+    write_array(group, "fit", result.fit, dims=(CELL,))
+    write_strings(group, "labels", result.labels, dims=(GROUP,))
+    write_coordinates(group, groups=result.labels)
     group.attrs["dropped"] = result.dropped
     mark_complete(group)
     logger.info("%d technical groups: %s", len(result.labels), ", ".join(result.labels))

@@ -15,12 +15,15 @@ from tasks.errors import InputDataError
 from tasks.groups import GroupAssignment
 from tasks.store import (
     CELLS,
+    FEATURE,
     FEATURE_CHUNK,
     fresh_group,
     inputs_key,
     mark_complete,
     prep_key,
+    read_strings,
     write_array,
+    write_coordinates,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +89,8 @@ def filter_features(
     *,
     use_dask: bool | None = None,
 ) -> FilterFlags:
-    """SPEC "Feature filters" on the fit cells; writes `prep/<name>/` (complete last).
+    """The feature filters (docs/model.md, section 4) on the fit cells; writes `prep/<name>/`
+    (complete last).
 
     `use_dask`: compute the flags with Dask over the store's chunks (`tasks.distributed`,
     the same values); None (default) does so when this runs on a Dask worker, i.e. when the
@@ -107,7 +111,8 @@ def filter_features(
         )
     group = fresh_group(root, prep_key(name), "bayesdream-filters", distribution=distribution)
     for flag, values in flags.as_dict().items():
-        write_array(group, flag, values)
+        write_array(group, flag, values, dims=(FEATURE,))
+    write_coordinates(group, features=read_strings(root[inputs_key(name)], "feature_names"))
     mark_complete(group)
     if excluded.any():
         log.warning(

@@ -23,8 +23,14 @@ from tasks.groups import read_groups
 from tasks.prepare import fit_cell_index, read_flags
 from tasks.resources import resolve_device, sampling_budget
 from tasks.store import (
+    CATEGORY,
     CIS_KEY,
     COMPLETE,
+    DRAW,
+    FEATURE,
+    GROUP,
+    NONBASELINE_GROUP,
+    STEP,
     fit_key,
     fresh_group,
     inputs_key,
@@ -32,6 +38,7 @@ from tasks.store import (
     read_strings,
     results_key,
     write_array,
+    write_coordinates,
     write_strings,
 )
 
@@ -80,6 +87,15 @@ def _shape(
     return (n_samples, *lead, n_features, *trail)
 
 
+def _dims(out: OutputSpec, *, with_feature: bool = True) -> tuple[str, ...]:
+    """Dimension names matching `_shape`: (draw, group | nonbaseline_group, feature(, category))."""
+    lead = {"effect": (GROUP,), "raw": (NONBASELINE_GROUP,), "feature": (), "scalar": None}
+    if lead[out.kind] is None:
+        return (DRAW,)
+    trail = () if out.feature_axis == -1 else (CATEGORY,)
+    return (DRAW, *lead[out.kind], *((FEATURE,) if with_feature else ()), *trail)
+
+
 def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[str, zarr.Array]:
     """Full-size arrays filled with each output's baseline/NaN before sampling starts."""
     arrays = {}
@@ -93,6 +109,7 @@ def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[
             dtype="float32",
             fill_value=out.fill,
             overwrite=True,
+            dimension_names=_dims(out),
         )
     return arrays
 
@@ -168,7 +185,7 @@ def sample_modality(
         if on_batch is not None:
             on_batch(len(done), plan.n_batches)
     seconds = time.perf_counter() - start_time
-    _write_metadata(root, group, name, layout, names, cis_feature, fit_group)
+    _write_metadata(root, group, name, (names, n_categories, nsamples), cis_feature, fit_group)
     group.attrs.update(
         {
             "distribution": family.spec.name,
@@ -274,19 +291,31 @@ def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality)
             dtype="float32",
             fill_value=out.fill,
             overwrite=True,
+            dimension_names=_dims(out, with_feature=False),
         )
     return arrays
 
 
-def _write_metadata(root, group, name, layout, names, cis_feature, fit_group) -> None:
-    """Names, labels, flags and the loss trace travel with the results."""
+def _write_metadata(root, group, name, axes, cis_feature, fit_group) -> None:
+    """Names, labels, flags and the loss trace travel with the results, and the coordinate
+    arrays (`feature`, `group`, `nonbaseline_group`, `category`, `draw`) that xarray reads."""
+    names, n_categories, n_draws = axes
     keep = names != cis_feature if cis_feature is not None else np.ones(len(names), bool)
-    write_strings(group, "feature_names", names[keep])
-    write_strings(group, "group_labels", read_groups(root).labels)
+    labels = read_groups(root).labels
+    write_strings(group, "feature_names", names[keep], dims=(FEATURE,))
+    write_strings(group, "group_labels", labels, dims=(GROUP,))
+    write_coordinates(
+        group,
+        features=names[keep],
+        groups=labels,
+        nonbaseline=True,
+        n_categories=n_categories,
+        n_draws=n_draws,
+    )
     flags = read_flags(root, name).as_dict()
     for flag, values in flags.items():
-        write_array(group, flag, values[keep])
-    write_array(group, "loss", fit_group["loss"][...])
+        write_array(group, flag, values[keep], dims=(FEATURE,))
+    write_array(group, "loss", fit_group["loss"][...], dims=(STEP,))
     group.attrs.update(
         {
             key: fit_group.attrs[key]
@@ -295,5 +324,6 @@ def _write_metadata(root, group, name, layout, names, cis_feature, fit_group) ->
     )
     if cis_feature is not None:
         cis = root[CIS_KEY]
+        write_coordinates(cis, groups=labels, nonbaseline=True, n_draws=n_draws)
         for flag, values in flags.items():
             cis.attrs[flag] = bool(values[~keep][0])

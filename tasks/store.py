@@ -5,7 +5,7 @@
   inputs/cells/                   cell, target, sum_factor [N]; covariates/<col> [N]
   inputs/<modality>/              counts [T, N(, K)] float32, chunked (features, cells)
                                   denominator (binomial), feature_names [T], present [N]
-  prep/groups/                    code [N] int64 (-1 = not fit), labels [C]
+  prep/groups/                    code, fit [N] (code -1 = not fit), labels [C]
   prep/<modality>/                flags/<flag> [T] bool
   fit/<modality>/                 params/<pyro param name>, loss; attrs: guide, niters_run …
   technical/<modality>/           results (see the README), attr complete: true written last
@@ -13,12 +13,19 @@
 ```
 Every group carries `encoding-type` / `encoding-version`; a step counts as finished only
 when its group has `complete: true`, written after every array.
+
+Every array records Zarr v3 `dimension_names` (`draw`, `group`, `feature`, `category`,
+`cell`, ...), and the groups that hold results also hold 1-D coordinate arrays named like
+their dimension (`feature` = feature names, `group` = group labels, `category`, `draw`),
+so that `xarray.open_zarr(store, group="technical/<m>", consolidated=False)` reads a
+group as a Dataset with labelled dimensions.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,18 @@ INPUTS = "inputs"
 CELLS = f"{INPUTS}/cells"
 GROUPS = "prep/groups"
 COMPLETE = "complete"
+
+# Dimension names (Zarr v3 `dimension_names`; xarray's dims).
+DRAW = "draw"  # posterior draw, S
+GROUP = "group"  # technical group, C (code order, group 0 = baseline)
+NONBASELINE_GROUP = "nonbaseline_group"  # groups 1..C-1: the raw effect sites
+FEATURE = "feature"  # T
+CATEGORY = "category"  # K (multinomial)
+CELL = "cell"  # cells of the cells table, N
+STEP = "step"  # SVI step (loss traces)
+FIT_FEATURE = "fit_feature"  # features that are fit (indices into the modality's)
+# Coordinate arrays: 1-D, named like the dimension they label.
+COORDINATES = frozenset({DRAW, GROUP, NONBASELINE_GROUP, FEATURE, CATEGORY, CELL})
 
 
 def inputs_key(modality: str) -> str:
@@ -167,25 +186,85 @@ def require_complete(root: zarr.Group, key: str, step: str) -> zarr.Group:
     return root[key]
 
 
-def write_strings(group: zarr.Group, name: str, values: Any) -> zarr.Array:
+def generic_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names for an array with no named axes: `<name>_dim_0`, ... (as xarray's
+    `dim_0`), unique to the array so that unrelated arrays never share a dimension."""
+    return tuple(f"{name}_dim_{i}" for i in range(ndim))
+
+
+def _checked_dims(name: str, dims: Sequence[str], shape: tuple[int, ...]) -> tuple[str, ...]:
+    """One name per axis: a mismatch is a bug in the caller, caught before writing."""
+    dims = tuple(dims)
+    if len(dims) != len(shape):
+        raise ValueError(f"array '{name}' has shape {shape} but dimension names {dims}")
+    return dims
+
+
+def write_strings(
+    group: zarr.Group, name: str, values: Any, *, dims: Sequence[str]
+) -> zarr.Array:
     """A variable-length UTF-8 string array (portable across zarr-v3 readers)."""
     values = np.asarray(values, dtype=str)
-    arr = group.create_array(name, shape=values.shape, dtype=str, overwrite=True)
-    if values.size:
-        arr[...] = values
-    return arr
-
-
-def write_array(group: zarr.Group, name: str, values: np.ndarray, **kwargs: Any) -> zarr.Array:
-    """A whole small array (flags, labels, loss) in one write."""
-    values = np.asarray(values)
-    fill = np.nan if values.dtype.kind == "f" else None
     arr = group.create_array(
-        name, shape=values.shape, dtype=values.dtype, fill_value=fill, overwrite=True, **kwargs
+        name,
+        shape=values.shape,
+        dtype=str,
+        overwrite=True,
+        dimension_names=_checked_dims(name, dims, values.shape),
     )
     if values.size:
         arr[...] = values
     return arr
+
+
+def write_array(
+    group: zarr.Group, name: str, values: np.ndarray, *, dims: Sequence[str], **kwargs: Any
+) -> zarr.Array:
+    """A whole small array (flags, labels, loss) in one write."""
+    values = np.asarray(values)
+    fill = np.nan if values.dtype.kind == "f" else None
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype,
+        fill_value=fill,
+        overwrite=True,
+        dimension_names=_checked_dims(name, dims, values.shape),
+        **kwargs,
+    )
+    if values.size:
+        arr[...] = values
+    return arr
+
+
+def write_coordinates(
+    group: zarr.Group,
+    *,
+    features: Any = None,
+    groups: Any = None,
+    nonbaseline: bool = False,
+    n_categories: int | None = None,
+    n_draws: int | None = None,
+) -> None:
+    """1-D coordinate arrays named like their dimension (xarray reads them as the labels):
+    `feature`, `group` (and with `nonbaseline`, `nonbaseline_group` = groups 1..C-1, the
+    raw effect sites' axis), `category` and `draw` (0, 1, ...)."""
+    if features is not None:
+        write_strings(group, FEATURE, features, dims=(FEATURE,))
+    if groups is not None:
+        labels = np.asarray(groups, dtype=str)
+        write_strings(group, GROUP, labels, dims=(GROUP,))
+        if nonbaseline:
+            write_strings(group, NONBASELINE_GROUP, labels[1:], dims=(NONBASELINE_GROUP,))
+    if n_categories is not None:
+        write_array(group, CATEGORY, np.arange(n_categories, dtype=np.int64), dims=(CATEGORY,))
+    if n_draws is not None:
+        write_array(group, DRAW, np.arange(n_draws, dtype=np.int64), dims=(DRAW,))
+
+
+def data_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """The group's arrays except its coordinate arrays (`feature`, `group`, ...)."""
+    return {name: array for name, array in group.arrays() if name not in COORDINATES}
 
 
 def read_strings(group: zarr.Group, name: str) -> np.ndarray:

@@ -17,7 +17,7 @@ EffectType = Literal["multiplicative", "logit", "additive"]
 
 @dataclass(frozen=True)
 class DistributionSpec:
-    """Static facts about one distribution (SPEC "Registry")."""
+    """Static facts about one distribution (the registry's entry)."""
 
     name: str
     effect_type: EffectType
@@ -118,7 +118,7 @@ class Family(ABC):
 
     @abstractmethod
     def flags(self, data: FitArrays) -> FilterFlags:
-        """SPEC "Feature filters", on the cells that are fit."""
+        """The feature filters (docs/model.md, section 4), on the cells that are fit."""
 
     @abstractmethod
     def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:

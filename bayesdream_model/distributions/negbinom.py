@@ -290,7 +290,7 @@ class NegBinom(Family):
         }
 
     def n_latent(self, n_groups: int, n_features: int) -> int:
-        """SPEC: (C + 1) * T."""
+        """(C + 1) * T, as the reference bayesDREAM counts them."""
         return (n_groups + 1) * n_features
 
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:

@@ -19,16 +19,23 @@ import pandas as pd
 import zarr
 
 from bayesdream_model.distributions import get_spec
-from tasks.config import ModalityConfig, RunConfig
+from tasks.anndata_files import is_anndata_path
+from tasks.config import ModalityConfig, RunConfig, denominator_modality
 from tasks.errors import InputDataError
 from tasks.ingest.readers import MatrixReader, open_matrix
 from tasks.store import (
+    CATEGORY,
+    CELL,
     CELL_CHUNK,
+    CELLS,
+    FEATURE,
     FEATURE_CHUNK,
     fresh_group,
     inputs_key,
     mark_complete,
+    read_strings,
     write_array,
+    write_coordinates,
     write_strings,
 )
 
@@ -89,7 +96,9 @@ def check_modality(
 
 def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | None]:
     """Readers for the counts and (binomial) the denominator, which may borrow names."""
-    counts = open_matrix(mod.counts, features=mod.features, cells=mod.cells)
+    counts = open_matrix(
+        mod.counts, features=mod.features, cells=mod.cells, layer=mod.layer, modality=mod.modality
+    )
     if mod.denominator is None:
         return counts, None
     try:
@@ -97,6 +106,8 @@ def open_modality(mod: ModalityConfig) -> tuple[MatrixReader, MatrixReader | Non
             mod.denominator,
             features=mod.features if mod.features is not None else counts.feature_names,
             cells=mod.cells if mod.cells is not None else counts.cell_ids,
+            layer=mod.denominator_layer,
+            modality=denominator_modality(mod),
         )
     except InputDataError as err:  # its names are the counts': a count of them differs
         raise InputDataError(
@@ -133,9 +144,13 @@ def _check_names(names: np.ndarray, what: str, path: Path) -> None:
     index = pd.Index(names)
     if not index.is_unique:
         repeated = index[index.duplicated()].unique()
+        hint = ""
+        if is_anndata_path(path):
+            fix = "var_names" if what == "feature names" else "obs_names"
+            hint = f" (in AnnData: `adata.{fix}_make_unique()`)"
         raise InputDataError(
             f"'{path}' has {len(repeated)} duplicated {what} (first: "
-            f"{_first_ids(repeated)}); {what} must be unique."
+            f"{_first_ids(repeated)}); {what} must be unique{hint}."
         )
 
 
@@ -238,12 +253,13 @@ def ingest_modality(
         distribution=mod.distribution,
         source=str(mod.counts),
         denominator_source=None if mod.denominator is None else str(mod.denominator),
+        layer=mod.layer,
+        source_modality=mod.modality,
         n_cells_present=int(plan.present.sum()),
     )
     try:
         _copy_blocks(group, plan, (counts, denominator), log)
-        write_strings(group, "feature_names", plan.feature_names)
-        write_array(group, "present", plan.present)
+        _write_names(root, group, plan)
         mark_complete(group)
     except BaseException:
         if key in root:
@@ -251,6 +267,18 @@ def ingest_modality(
         raise
     log.info("Modality '%s': ingested %s from '%s'.", name, plan.stored_shape, counts.path)
     return group
+
+
+def _write_names(root: zarr.Group, group: zarr.Group, plan: ModalityPlan) -> None:
+    """Feature names, which table cells are present, and the coordinates xarray reads."""
+    write_strings(group, "feature_names", plan.feature_names, dims=(FEATURE,))
+    write_array(group, "present", plan.present, dims=(CELL,))
+    n_categories = plan.shape[2] if len(plan.shape) == 3 else None
+    write_coordinates(group, features=plan.feature_names, n_categories=n_categories)
+    if CELLS in root and CELL in root[CELLS]:  # the cells table's ids label the cell axis
+        ids = read_strings(root[CELLS], CELL)
+        if len(ids) == plan.n_table_cells:
+            write_strings(group, CELL, ids, dims=(CELL,))
 
 
 def _copy_blocks(
@@ -279,8 +307,14 @@ def _copy_blocks(
 def _create(group: zarr.Group, name: str, plan: ModalityPlan) -> zarr.Array:
     """A NaN-filled float32 array chunked (features, cells(, K))."""
     chunks = (FEATURE_CHUNK, CELL_CHUNK, *plan.shape[2:])
+    dims = (FEATURE, CELL, CATEGORY)[: len(plan.stored_shape)]
     return group.create_array(
-        name, shape=plan.stored_shape, chunks=chunks, dtype="float32", fill_value=np.nan
+        name,
+        shape=plan.stored_shape,
+        chunks=chunks,
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=dims,
     )
 
 

@@ -7,7 +7,8 @@ ever dense: sparse inputs are sliced by rows, CSV/TSV files are parsed in row ch
 
 Formats (chosen by suffix): `.csv`/`.tsv`/`.txt` (optionally `.gz`; first column =
 feature names, header = cell ids), `.npz` (scipy.sparse), `.npy` (memory-mapped),
-a 10x Matrix Market folder, and `.h5ad` (cells x features, transposed here).
+a 10x Matrix Market folder, and AnnData / MuData files (`.h5ad`, `.h5mu`, AnnData
+`.zarr`: cells x features, read by `tasks.ingest.anndata_readers`).
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from tasks.anndata_files import is_anndata_path
 from tasks.errors import InputDataError
 
 logger = logging.getLogger(__name__)
 
 NameSource = Path | Sequence[str] | np.ndarray | None
 DELIMITED = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
-SUPPORTED = ".csv, .tsv, .txt (optionally .gz), .npz, .npy, .h5ad or a 10x mtx folder"
+SUPPORTED = (
+    ".csv, .tsv, .txt (optionally .gz), .npz, .npy, a 10x mtx folder, or AnnData/MuData "
+    "(.h5ad, .h5mu, .zarr)"
+)
 
 
 class MatrixReader:
@@ -129,39 +133,28 @@ class DelimitedReader(MatrixReader):
                 start += len(chunk)
 
 
-class H5adDenseReader(MatrixReader):
-    """A dense `X` in an .h5ad file (cells x features), read a feature slab at a time."""
-
-    def __init__(self, path: Path, *, feature_names: np.ndarray, cell_ids: np.ndarray) -> None:
-        self.path = path
-        with h5py.File(path, "r") as f:
-            n_cells, n_features = f["X"].shape
-        self.shape = (int(n_features), int(n_cells))
-        self.feature_names, self.cell_ids = feature_names, cell_ids
-
-    def iter_feature_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Keep the file open for the pass; yield transposed column slabs."""
-        with h5py.File(self.path, "r") as f:
-            x = f["X"]
-            for start in range(0, self.shape[0], block_rows):
-                stop = min(start + block_rows, self.shape[0])
-                yield start, np.ascontiguousarray(x[:, start:stop].T, dtype=np.float32)
-
-
 def open_matrix(
-    path: Path, *, features: NameSource = None, cells: NameSource = None
+    path: Path,
+    *,
+    features: NameSource = None,
+    cells: NameSource = None,
+    layer: str | None = None,
+    modality: str | None = None,
 ) -> MatrixReader:
-    """Open a matrix file; `features`/`cells` (files or lists) name .npy/.npz matrices."""
+    """Open a matrix file; `features`/`cells` (files or lists) name .npy/.npz matrices;
+    `layer` (X, raw or a layers/ name) and `modality` (MuData) select in AnnData files."""
     path = Path(path)
     if not path.exists():
         raise InputDataError(f"Matrix '{path}' does not exist.")
     suffix = plain_suffix(path)
+    if is_anndata_path(path):
+        from tasks.ingest.anndata_readers import open_anndata_matrix
+
+        return open_anndata_matrix(path, modality=modality, layer=layer)
     if path.is_dir():
         return _open_mtx_folder(path)
     if suffix in DELIMITED:
         return _checked(DelimitedReader(path), feature_source=None, cell_source=None)
-    if suffix == ".h5ad":
-        return _open_h5ad(path)
     if suffix in (".npy", ".npz"):
         return _open_unnamed(path, features=features, cells=cells)
     raise InputDataError(f"Unsupported matrix format '{path.name}'; expected {SUPPORTED}.")
@@ -287,54 +280,3 @@ def _open_mtx_folder(folder: Path) -> ArrayReader:
         cell_ids=cells.iloc[:, 0].to_numpy().astype(str),
     )
     return _checked(reader, feature_source=features, cell_source=barcodes)
-
-
-def _open_h5ad(path: Path) -> MatrixReader:
-    """AnnData file: X (dense, CSR or CSC) is cells x features; names from obs/var."""
-    with h5py.File(path, "r") as f:
-        if "X" not in f:
-            raise InputDataError(f"'{path}' has no X matrix.")
-        cells = _h5_index(f, "obs", path)
-        features = _h5_index(f, "var", path)
-        x = f["X"]
-        dense = isinstance(x, h5py.Dataset)
-        matrix = None if dense else _h5_sparse(x, path)
-    if dense:
-        reader: MatrixReader = H5adDenseReader(path, feature_names=features, cell_ids=cells)
-    else:  # cells x features -> features x cells; CSR of the transpose for row blocks
-        reader = ArrayReader(matrix.T.tocsr(), path=path, feature_names=features, cell_ids=cells)
-    return _checked(reader, feature_source=None, cell_source=None)
-
-
-def _h5_sparse(group: h5py.Group, path: Path) -> sp.spmatrix:
-    """An anndata sparse group (`encoding-type` csr/csc_matrix, or old h5sparse attrs)."""
-    attrs = group.attrs
-    kind = str(attrs.get("encoding-type", attrs.get("h5sparse_format", "")))
-    shape = tuple(int(d) for d in attrs.get("shape", attrs.get("h5sparse_shape", ())))
-    if kind.startswith("csr"):
-        cls = sp.csr_matrix
-    elif kind.startswith("csc"):
-        cls = sp.csc_matrix
-    else:
-        raise InputDataError(f"'{path}': X has unsupported encoding '{kind}' (csr/csc only).")
-    parts = (group["data"][...], group["indices"][...], group["indptr"][...])
-    return cls(parts, shape=shape)
-
-
-def _h5_index(f: h5py.File, axis: str, path: Path) -> np.ndarray:
-    """obs/var index names, from the dataframe group's `_index` attribute."""
-    if axis not in f:
-        raise InputDataError(f"'{path}' has no '{axis}' table.")
-    frame = f[axis]
-    if isinstance(frame, h5py.Dataset):  # very old h5ad: a compound dataset
-        return _decode(frame["index"])
-    column = frame.attrs.get("_index", "_index")
-    column = column.decode() if isinstance(column, bytes) else str(column)
-    if column not in frame:
-        raise InputDataError(f"'{path}': {axis} has no index column '{column}'.")
-    return _decode(frame[column][...])
-
-
-def _decode(values: np.ndarray) -> np.ndarray:
-    """HDF5 strings arrive as bytes: decode them to str."""
-    return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)

@@ -39,6 +39,7 @@ from tasks.store import (
     open_root,
     results_key,
     write_array,
+    write_strings,
 )
 
 N_CELLS, N_FEATURES = 90, 11
@@ -119,7 +120,9 @@ def _write_modality(root: zarr.Group, family: str, arrays: dict, present: np.nda
             name, shape=values.shape, chunks=chunks, dtype="float32", fill_value=np.nan
         )
         array[...] = values
-    write_array(group, "present", present)
+    write_array(group, "present", present, dims=("cell",))
+    n_features = next(iter(arrays.values())).shape[0]
+    write_strings(group, "feature_names", [f"f{t}" for t in range(n_features)], dims=("feature",))
     group.attrs[COMPLETE] = True
 
 
@@ -135,7 +138,8 @@ def screen_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, GroupAs
     present = np.ones(N_CELLS, dtype=bool)
     present[rng.choice(np.flatnonzero(groups.fit), size=3, replace=False)] = False
     root = open_root(folder / "screen.zarr", create=True)
-    write_array(root.require_group(CELLS), "sum_factor", cells["sum_factor"].to_numpy())
+    sum_factor = cells["sum_factor"].to_numpy()
+    write_array(root.require_group(CELLS), "sum_factor", sum_factor, dims=("cell",))
     for family in FAMILIES:
         _write_modality(root, family, _family_data(family, counts, groups.code, rng), present)
     return str(folder / "screen.zarr"), groups

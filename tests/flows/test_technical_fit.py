@@ -17,7 +17,7 @@ from flows.cli import main
 from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
 from tasks.errors import ConfigError
-from tasks.store import CIS_KEY, COMPLETE, results_key
+from tasks.store import CIS_KEY, COMPLETE, data_arrays, results_key
 
 NITERS, NSAMPLES = 100, 20
 EFFECTS = ("alpha_y", "alpha_y_mult", "alpha_y_add")
@@ -132,7 +132,7 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
 
     cis_group = root[CIS_KEY]
     assert cis_group.attrs[COMPLETE] is True and cis_group.attrs["feature"] == cis
-    shapes = {key: array.shape for key, array in cis_group.arrays()}
+    shapes = {key: array.shape for key, array in data_arrays(cis_group).items()}
     assert shapes == {
         "alpha_x": (NSAMPLES, 3),
         "alpha_x_mult": (NSAMPLES, 3),
@@ -142,7 +142,7 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
         "o_x": (NSAMPLES,),
         "phi_x": (NSAMPLES,),
     }
-    assert all(np.isfinite(array[...]).all() for _, array in cis_group.arrays())
+    assert all(np.isfinite(array[...]).all() for array in data_arrays(cis_group).values())
 
     csv = tmp_path / "effects.csv"
     assert main(["summary", store, "--modality", "gene", "--out", str(csv)]) == 0

@@ -1,6 +1,6 @@
 """Fitting helpers shared by the model tests.
 
-`FitOptions.guide` forces a guide by name, except that `mean_field` means "SPEC's choice"
+`FitOptions.guide` forces a guide by name, except that `mean_field` means "the reference bayesDREAM's choice"
 (the IAF when it fits): mean-field proper is forced with a zero CPU flow limit as well.
 """
 
@@ -16,7 +16,7 @@ from bayesdream_model.fit import FitOptions, FittedModel, fit_technical
 from bayesdream_model.guides import GuideChoice, choose_guide
 from bayesdream_model.inference import ProgressFn
 
-#: the negbinom guides: SPEC's two, and the per-feature full-covariance guide
+#: the negbinom guides: the reference's two, and the per-feature full-covariance guide
 GUIDES = ("iaf", "mean_field", "feature_mvn")
 
 
@@ -47,7 +47,7 @@ def negbinom_guide_choice(
     vram: int | None = None,
     preference: str = "mean_field",
 ) -> GuideChoice:
-    """The guide choice for negbinom; preference `mean_field` is SPEC's rule."""
+    """The guide choice for negbinom; preference `mean_field` is the reference's rule."""
     return choose_guide(
         get_family("negbinom"),
         n_groups=n_groups,

@@ -1,4 +1,4 @@
-"""Every family's fast likelihood equals a plain dense per-cell one written from SPEC.md.
+"""Every family's fast likelihood equals a plain dense per-cell one written from docs/model.md.
 
 The families compute their likelihood the fast way (per-group sufficient statistics,
 cells sorted by group, value histograms, a fused negbinom pass with its own backward).
@@ -10,7 +10,7 @@ fully masked categories), for C = 1, 2, 3 and several seeds:
 - the value the family adds to the model (site "y") equals the dense sum: every family
   keeps its parameter-free constant (negbinom and multinomial keep the lgamma terms;
   normal and Student-t keep the full density; binomial drops the combinatorial term,
-  which the baseline drops too, as SPEC allows), so they are compared directly, and
+  which the baseline drops too, as the model allows), so they are compared directly, and
   the difference between two random parameter settings (the parameter-dependent part,
   which is all SVI sees) is compared as well;
 - the gradients with respect to every parameter are equal.
@@ -324,7 +324,7 @@ def test_planted_cases_are_in_the_data() -> None:
 
 @pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
 def test_multinomial_rejects_negative_or_non_finite_counts(bad: float) -> None:
-    """SPEC: negative or non-finite multinomial counts are an error, not a likelihood."""
+    """docs/model.md: negative or non-finite multinomial counts are an error, not a likelihood."""
     rng = np.random.default_rng(0)
     data = data_multinomial(rng, _groups(rng, 2), 2)
     y = data.y.copy()
@@ -347,7 +347,7 @@ def test_binomial_likelihood_at_high_logit_is_spec_clamped(logit: float) -> None
         "alpha_logit_y": torch.tensor([[logit, logit]]),
     }
     expected = baselines.dense_log_likelihood("binomial", as_float64(params), data).sum()
-    assert torch.isfinite(expected)  # SPEC: finite, log(1 - p) floored at log(1e-12)
+    assert torch.isfinite(expected)  # docs/model.md: finite, log(1 - p) floored at log(1e-12)
     value = baselines.fast_log_likelihood(get_family("binomial"), params, data)
     np.testing.assert_allclose(value.item(), expected.item(), rtol=RTOL)
 

@@ -1,9 +1,9 @@
-"""Every family's feature filters on planted features (SPEC "Feature filters").
+"""Every family's feature filters on planted features (docs/model.md "Feature filters").
 
 Each test builds ordinary random features plus one planted feature per rule, and checks
 which flags each planted feature raises and that the ordinary ones raise none. Also the
 multinomial category mask, and that masked categories stay exactly 0 in posterior draws
-of the effects while the effects are centred over k the way SPEC words it ("set to 0 at
+of the effects while the effects are centred over k the way docs/model.md words it ("set to 0 at
 masked categories, centred over k, re-masked").
 """
 
@@ -245,7 +245,7 @@ def test_multinomial_draws_keep_masked_categories_at_zero_and_are_centred() -> N
     # features without masked categories: centred over k
     full = ~mask.any(axis=1)
     np.testing.assert_allclose(add[:, :, full].mean(axis=-1), 0.0, atol=1e-6)
-    # with masked categories: SPEC's order (zero the masked, centre over all K, re-mask),
+    # with masked categories: the reference's order (zero the masked, centre over all K, re-mask),
     # so the mean over k of the result is (1 - U/K) x the mean of the unmasked raw values
     raw = np.where(mask, 0.0, draws["alpha_logits_y"])  # [S, C-1, T, K]
     expected = np.where(mask, 0.0, raw - raw.mean(axis=-1, keepdims=True))

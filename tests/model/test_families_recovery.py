@@ -2,7 +2,7 @@
 
 (negbinom: tests/model/test_recovery.py.) Each screen is drawn by `bayesdream_model.simulate`
 with 3 groups and known effects, fit with `fit_technical` (guide 'auto': a full covariance
-per feature; `fit.guide: mean_field` for multinomial is SPEC's point-mass baseline), and drawn
+per feature; `fit.guide: mean_field` for multinomial is the reference's point-mass baseline), and drawn
 with `posterior_batches`. The bounds come from the sampling noise of the simulated data,
 computed from the simulation's own parameters and group sizes (nothing tuned per seed).
 
@@ -28,31 +28,31 @@ Checks (on k = (C-1) T effects; multinomial (C-1) T K, (C-1) T (K-1) of them fre
   sd = sqrt(E (1 - E) / T): the T = 40 features are the independent units (the effects of
   a feature are correlated through its baseline), so ±0.19-0.23, capped at 1. E is the
   coverage the model and guide should reach, not a flat 0.9:
-  * full covariance per feature: the posterior under SPEC's effect prior StudentT(3, 0, s).
-    For binomial s = 20 and E = 0.90. For normal / Student-t SPEC sets s to the baseline
+  * full covariance per feature: the posterior under the reference's effect prior StudentT(3, 0, s).
+    For binomial s = 20 and E = 0.90. For normal / Student-t the model sets s to the baseline
     mean's prior sd (~0.1-0.15 here, against effects of sd 0.5), which shrinks the effects
     (posterior-mean slope ~0.95 normal, ~0.92 Student-t, unchanged with 3x the steps), so
     E = the frequentist coverage of the exact 1-D posterior N(x; δ, se²) t3(δ; 0, s) at
     x ~ N(δ_true, se²), computed by quadrature: 0.85-0.87.
-  * multinomial, full covariance: SPEC's baseline prior Dirichlet(baseline counts + 1)
+  * multinomial, full covariance: the reference's baseline prior Dirichlet(baseline counts + 1)
     counts the baseline cells twice (prior and likelihood), so the exact posterior gives
     the baseline half its sampling variance: a centred effect has posterior variance
     v_g + v_0 / 2 against the error variance v_g + v_0 of its (empirical) posterior mean,
     E = mean 2 Φ(1.645 r) - 1 with r = sqrt((v_g + v_0 / 2) / (v_g + v_0)), ~0.85 (r ~ 0.87).
-  * multinomial, SPEC's guide: a point mass on the Dirichlet baseline and a mean-field
+  * multinomial, the reference's guide: a point mass on the Dirichlet baseline and a mean-field
     normal on the raw effects, cannot carry the baseline's uncertainty into the effects,
     and mean-field on the raw logits gives each raw a_k the variance 1 / (M_g p_k (1-p_k))
     (the inverse diagonal of the likelihood's Hessian M_g (diag p - p pᵀ)), so a centred
     effect has guide variance w_g = Σ_j H_kj² / (M_g p_j (1 - p_j)) against the true error
     variance v_g + v_0: E = mean 2 Φ(1.645 r) - 1 with r = sqrt(w_g / (v_g + v_0)), ~0.82
-    (r ~ 0.82 at 4 near-equal categories): the SPEC guide under-covers by design.
+    (r ~ 0.82 at 4 near-equal categories): the reference guide under-covers by design.
 - posterior spread: median posterior sd / se within a factor 1.5 of the guide's expected
   ratio (1 for the full covariance, median r for multinomial). The medians are over >= 80
   effects of 300 draws each (~4 % noise per sd); the factor allows for the continuous
   prior's narrowing of small effects (observed ratio ~0.93). A posterior collapsed onto
   its mean, or left at its initial scale 0.1, fails.
 
-Sampling never evaluates the likelihood (SPEC "Posterior sampling"): for every family
+Sampling never evaluates the likelihood (docs/model.md "Posterior sampling"): for every family
 `observe` is replaced by a function that raises while drawing, and every draw is finite.
 """
 
@@ -83,7 +83,7 @@ RMSE_FACTOR = 1.5
 SPREAD_FACTOR = 1.5
 COVERAGE_SDS = 4.0
 NSAMPLES = 300
-STUDENT_DF = 3.0  # SPEC: Student-t likelihood df, and the effect prior's df
+STUDENT_DF = 3.0  # docs/model.md: Student-t likelihood df, and the effect prior's df
 Z90 = norm.ppf(0.95)
 FAMILIES = ("binomial", "normal", "studentt", "multinomial")
 
@@ -223,7 +223,7 @@ def expected(name: str, sim: SimulatedModality, fitted: FittedModel) -> Expected
         return Expected(se, float(np.mean(2 * norm.cdf(Z90 * ratio) - 1)), float(np.median(ratio)))
     if name == "binomial":
         scale = np.asarray(fitted.family.effect_scale)
-    else:  # SPEC: continuous effects ~ StudentT(3, 0, s), s = the mu_ntc prior's sd
+    else:  # docs/model.md: continuous effects ~ StudentT(3, 0, s), s = the mu_ntc prior's sd
         scale = fitted.model.inputs["mu_sd"].cpu().numpy()[None]
     return Expected(se, prior_coverage(sim.effects[1:], se, scale), 1.0)
 
@@ -283,7 +283,7 @@ def test_recovers_known_effects(name: str) -> None:
 
 
 def test_multinomial_spec_guide_recovers_known_effects() -> None:
-    """`fit.guide: mean_field` keeps SPEC's multinomial guide, a point-mass baseline."""
+    """`fit.guide: mean_field` keeps the reference's multinomial guide, a point-mass baseline."""
     case = CASES["multinomial"]
     sim, fitted, draws = fit_and_draw("multinomial", case, guide="mean_field")
     summary = check_recovery("multinomial", sim, fitted, draws)

@@ -1,5 +1,5 @@
 """The per-feature full-covariance guide on the multinomial family: stable at a high
-learning rate, and calibrated where SPEC's point-mass baseline is not.
+learning rate, and calibrated where the reference's point-mass baseline is not.
 
 The screen: 2,000 cells in 3 groups, 100 features, K = 4, ~30 counts a cell, so each
 group holds ~2e4 counts a feature and the posterior sd of a logit effect is ~0.02. At
@@ -8,7 +8,7 @@ plain lower-Cholesky factor (off-diagonal entries in absolute units) random-walk
 once its scales had shrunk to ~0.01, and the loss turned NaN at step ~1,100 (seen on
 this screen); the unit-triangular x scale factor keeps every step relative.
 
-Calibration: SPEC's baseline prior Dirichlet(baseline counts + 1) counts the baseline
+Calibration: the reference's baseline prior Dirichlet(baseline counts + 1) counts the baseline
 cells twice (prior and likelihood), so even the exact posterior's effect sd is ~0.87 of
 the sampling sd (var v + v/2 instead of 2v) and its 90 % intervals cover ~85 % (a run to
 convergence on this screen: 0.85; with a flat Dirichlet prior 0.92). The point-mass

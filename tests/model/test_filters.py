@@ -1,4 +1,4 @@
-"""Negbinom feature filters on planted features (SPEC "Feature filters")."""
+"""Negbinom feature filters on planted features (docs/model.md "Feature filters")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The negbinom likelihood the fit optimises equals SPEC's NB log-likelihood, value and gradient.
+"""The negbinom likelihood the fit optimises equals the NB log-likelihood of docs/model.md, value and gradient.
 
-SPEC: mu = mu_ntc[t] * 2**log2_alpha[g, t] * sf[n];
+docs/model.md: mu = mu_ntc[t] * 2**log2_alpha[g, t] * sf[n];
 y ~ NB(total_count = phi, logits = log(mu + 1e-8) - log(phi + 1e-8)), phi = 1 / o_y^2.
 The family may compute it any way it likes (sufficient statistics, sorted cells, a custom
 backward); here it is compared with torch's NegativeBinomial on every cell, in float64.

@@ -15,7 +15,7 @@ from bayesdream_model.distributions import get_family
 from bayesdream_model.guides import build_guide
 from bayesdream_model.model import TechnicalModel
 
-EPS = 1e-6  # SPEC epsilon
+EPS = 1e-6  # the model's epsilon
 LOG_EPS = 1e-8  # pseudocount of the log2-ratio initial values
 
 
@@ -31,7 +31,7 @@ def screen(n_groups: int = 3) -> FitArrays:
 
 
 def reference_priors(data: FitArrays) -> dict[str, np.ndarray]:
-    """SPEC "Priors: negbinom", written out step by step in float64."""
+    """docs/model.md "Priors: negbinom", written out step by step in float64."""
     y_norm = data.y / data.sum_factor[:, None]
     baseline_mean = y_norm[data.groups == 0].mean(axis=0)
     mad = np.median(np.abs(y_norm - np.median(y_norm, axis=0)), axis=0)

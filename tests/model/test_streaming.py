@@ -136,7 +136,7 @@ def test_even_bounds_partition() -> None:
 
 
 def _mean_field(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SPEC's choice picks the IAF at this size on the CPU; force mean-field."""
+    """the reference bayesDREAM's choice picks the IAF at this size on the CPU; force mean-field."""
     monkeypatch.setattr(bayesdream_model.guides, "CPU_FLOW_MAX_LATENT", 0)
 
 

@@ -20,7 +20,7 @@ from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
 from tasks.prepare import filter_features
 from tasks.sampling import SampleRequest, feature_layout, sample_modality
-from tasks.store import CIS_KEY, COMPLETE, open_root, read_strings, results_key
+from tasks.store import CIS_KEY, COMPLETE, data_arrays, open_root, read_strings, results_key
 from tasks.summary import summarize
 
 N_CELLS, N_FEATURES, N_GROUPS = 120, 12, 3
@@ -119,7 +119,7 @@ def _sample(root: zarr.Group, cis: str | None) -> dict:
 
 def _results(root: zarr.Group) -> dict[str, np.ndarray]:
     group = root[results_key("gene")]
-    return {name: array[...] for name, array in group.arrays()}
+    return {name: array[...] for name, array in data_arrays(group).items()}
 
 
 def _check_results(root: zarr.Group, cis: str | None) -> dict[str, np.ndarray]:
@@ -169,7 +169,7 @@ def test_batched_sampling_fills_full_size_arrays(
     whole = _sample(cis_store, "GFI1B")
     assert whole["batch_size"] == NSAMPLES
     one_draw = _check_results(cis_store, "GFI1B")
-    one_cis = {k: a[...] for k, a in cis_store[CIS_KEY].arrays()}
+    one_cis = {k: a[...] for k, a in data_arrays(cis_store[CIS_KEY]).items()}
 
     _tiny_budget(monkeypatch, cis_store)
     seen = _spy_batches(monkeypatch, cis_store)
@@ -193,7 +193,7 @@ def test_batched_sampling_fills_full_size_arrays(
         np.median(one_draw["mu_ntc"][:, fit], axis=0),
         rtol=0.5,
     )
-    cis = {k: a[...] for k, a in cis_store[CIS_KEY].arrays()}
+    cis = {k: a[...] for k, a in data_arrays(cis_store[CIS_KEY]).items()}
     assert cis.keys() == one_cis.keys()
     for key, values in cis.items():
         assert values.shape == one_cis[key].shape, key
@@ -205,7 +205,7 @@ def test_cis_feature_results(cis_store: zarr.Group) -> None:
     _sample(cis_store, "GFI1B")
     cis = cis_store[CIS_KEY]
     s, c = NSAMPLES, N_GROUPS
-    shapes = {name: array.shape for name, array in cis.arrays()}
+    shapes = {name: array.shape for name, array in data_arrays(cis).items()}
     assert shapes == {
         "alpha_x": (s, c),
         "alpha_x_mult": (s, c),

@@ -1,0 +1,105 @@
+"""AnnData out: `bayesdream export` writes effects an AnnData (or a table) reads back."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from flows.cli import main
+from tasks.sampling import SampleRequest, sample_modality
+from tasks.store import results_key
+from tasks.summary import summarize
+from tests.stores import npy_store
+
+VARM = ("alpha_mean", "alpha_sd", "alpha_q05", "alpha_q95")
+
+
+def _sampled(folder: Path, distribution: str, n_groups: int) -> tuple[zarr.Group, str]:
+    root, _ = npy_store(folder, distribution, n_groups)
+    sample_modality(root, "m", SampleRequest(nsamples=17))
+    return root, str(folder / "run.zarr")
+
+
+@pytest.fixture(scope="module")
+def negbinom(tmp_path_factory: pytest.TempPathFactory) -> tuple[zarr.Group, str]:
+    return _sampled(tmp_path_factory.mktemp("export"), "negbinom", 3)
+
+
+def test_h5ad_var_is_the_features_and_varm_the_effects(negbinom, tmp_path: Path) -> None:
+    root, store = negbinom
+    out = tmp_path / "effects.h5ad"
+    assert main(["export", store, "--modality", "m", "--out", str(out)]) == 0
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 0 and list(adata.var_names) == ["f0", "f1", "f2", "f3", "f4"]
+    group = root[results_key("m")]
+    for flag in ("ntc_zero_count", "ntc_excluded_from_fit", "technical_correction_applied"):
+        np.testing.assert_array_equal(adata.var[flag].to_numpy(), group[flag][...])
+    assert bool(adata.var.loc["f4", "ntc_excluded_from_fit"]) is True
+    assert set(VARM) <= set(adata.varm)
+    log2 = group["alpha_y_add"][...].astype(np.float64)  # [S, C, T], the summary's scale
+    for key in VARM:
+        frame = adata.varm[key]
+        assert list(frame.columns) == ["A", "B", "C"] and list(frame.index) == list(adata.var_names)
+    np.testing.assert_allclose(adata.varm["alpha_mean"].to_numpy(), log2.mean(axis=0).T)
+    np.testing.assert_allclose(adata.varm["alpha_sd"].to_numpy(), log2.std(axis=0, ddof=1).T)
+    np.testing.assert_allclose(
+        adata.varm["alpha_q95"].loc["f2", "C"], np.quantile(log2[:, 2, 2], 0.95)
+    )
+    assert (adata.varm["alpha_mean"]["A"] == 0).all()  # the baseline group
+    info = adata.uns["bayesdream"]
+    assert info["scale"] == "log2" and info["modality"] == "m"
+    assert info["distribution"] == "negbinom" and info["baseline_group"] == "A"
+
+
+def test_varm_agrees_with_the_summary_table(negbinom, tmp_path: Path) -> None:
+    _, store = negbinom
+    out = tmp_path / "effects.h5ad"
+    main(["export", store, "--modality", "m", "--out", str(out)])
+    adata = ad.read_h5ad(out)
+    table = summarize(store, "m")
+    wide = table.pivot(index="feature", columns="group", values="q05")
+    pd.testing.assert_frame_equal(
+        adata.varm["alpha_q05"], wide.loc[adata.var_names], check_names=False
+    )
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("parquet", ".parquet"), ("csv", ".csv")])
+def test_tables_are_the_summary(negbinom, tmp_path: Path, fmt: str, suffix: str) -> None:
+    _, store = negbinom
+    by_suffix, by_flag = tmp_path / f"effects{suffix}", tmp_path / "effects.out"
+    assert main(["export", store, "--modality", "m", "--out", str(by_suffix)]) == 0
+    assert main(["export", store, "--modality", "m", "--out", str(by_flag), "--format", fmt]) == 0
+    read = pd.read_parquet if fmt == "parquet" else pd.read_csv
+    expected = summarize(store, "m")
+    for path in (by_suffix, by_flag):
+        pd.testing.assert_frame_equal(read(path), expected, check_dtype=False)
+
+
+def test_multinomial_columns_are_group_and_category(tmp_path: Path) -> None:
+    root, store = _sampled(tmp_path, "multinomial", 2)
+    out = tmp_path / "donor.h5ad"
+    assert main(["export", store, "--modality", "m", "--out", str(out)]) == 0
+    adata = ad.read_h5ad(out)
+    frame = adata.varm["alpha_mean"]
+    assert list(frame.columns) == ["A:0", "A:1", "A:2", "B:0", "B:1", "B:2"]
+    logits = root[results_key("m")]["alpha_y_add"][...].astype(np.float64)  # [S, C, T, K]
+    np.testing.assert_allclose(frame.loc["f1", "B:2"], logits[:, 1, 1, 2].mean())
+    assert adata.uns["bayesdream"]["scale"] == "logit"
+
+
+def test_export_errors_say_what_to_do(negbinom, tmp_path: Path, caplog) -> None:
+    _, store = negbinom
+    with caplog.at_level(logging.ERROR):
+        assert main(["export", store, "--modality", "m", "--out", str(tmp_path / "e.txt")]) == 2
+    assert "name it .h5ad, .parquet or .csv, or give --format" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["export", store, "--modality", "gene", "--out", str(tmp_path / "e.h5ad")]) == 2
+    assert "technical/gene" in caplog.text and "Modalities with results: ['m']" in caplog.text
+    assert not (tmp_path / "e.h5ad").exists()
