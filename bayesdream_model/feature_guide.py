@@ -120,6 +120,40 @@ class AutoFeatureMVN(AutoGuide):
                 values[block.name] = self._site(block, z, particles, plates)
         return values
 
+    def global_values(self) -> dict[str, torch.Tensor]:
+        """Each global site at its guide loc, constrained (the Laplace start holds them there)."""
+        return {
+            name: biject_to(self.prototype_trace.nodes[name]["fn"].support)(
+                getattr(self, f"loc_{name}")
+            ).detach()
+            for name in self._globals
+        }
+
+    def feature_log_density(self, trace) -> torch.Tensor:
+        """Σ of the feature sites' log densities in a trace of this guide: the log Jacobians
+        -log|dx/dz| of their bijections, so that log p(x) minus this is the log joint of the
+        unconstrained latents z, the density the per-feature normal approximates."""
+        total = 0.0
+        for block in self._layout:
+            site = trace.nodes[block.name]
+            total = total + site["fn"].log_prob(site["value"]).sum()
+        return total
+
+    def set_feature_normal(
+        self, loc: torch.Tensor, scale_tril: torch.Tensor, use: torch.Tensor
+    ) -> None:
+        """Start features where `use` [T] holds at N(loc [T, D], L L^T), L = scale_tril
+        [T, D, D] lower-triangular with a positive diagonal; the others keep their start."""
+        scale = torch.diagonal(scale_tril, dim1=-2, dim2=-1)
+        unit = scale_tril / scale.unsqueeze(-2)  # columns divided by their scale
+        pick = use.to(self.loc.device)
+        with torch.no_grad():
+            self.loc = torch.where(pick[:, None], loc.to(self.loc), self.loc)
+            self.scale = torch.where(pick[:, None], scale.to(self.scale), self.scale)
+            self.unit_tril = torch.where(
+                pick[:, None, None], unit.to(self.unit_tril), self.unit_tril
+            )
+
     def scale_tril(self) -> torch.Tensor:
         """[T, D, D]: each feature's Cholesky factor, unit_tril @ diag(scale)."""
         return self.unit_tril * self.scale.unsqueeze(-2)

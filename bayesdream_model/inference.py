@@ -39,6 +39,10 @@ class SviSettings:
     tolerance: float = 1e-4
     ewma_alpha: float = 0.05
     peak_factor: float = 10.0
+    #: steps of the one-cycle warm-up to the peak; None: 10 % of `niters` (the reference's
+    #: schedule). A fit that starts at the posterior (the Laplace start) needs only a few
+    #: steps of it, then runs at the peak until the stop rule's closing anneal
+    warmup_steps: int | None = None
     clip_norm: float = 10.0
     log_every: int = 1000
     #: "plateau": windowed, noise-aware (default); "ewma": the reference's
@@ -71,16 +75,20 @@ class SviResult:
     stop_reason: str
     seconds: float
     recoveries: tuple[Recovery, ...] = ()
+    #: how the guide was started (the Laplace start's summary), None for the initial values
+    start: dict | None = None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: SviSettings):
     """Adam under a one-cycle schedule peaking at `peak_factor * lr` after 10 % of the steps."""
     optimizer = torch.optim.Adam(params, lr=settings.lr, betas=(0.9, 0.999))
+    total = max(settings.niters, MIN_SCHEDULE_STEPS)  # shorter schedules divide by 0
+    warmup = 0.1 if settings.warmup_steps is None else min(0.1, settings.warmup_steps / total)
     scheduler = OneCycleLR(
         optimizer,
         max_lr=settings.lr * settings.peak_factor,
-        total_steps=max(settings.niters, MIN_SCHEDULE_STEPS),  # shorter schedules divide by 0
-        pct_start=0.1,
+        total_steps=total,
+        pct_start=warmup,
         div_factor=25.0,
         final_div_factor=1e4,
     )
@@ -197,6 +205,7 @@ def run_svi(
     on_progress: ProgressFn | None = None,
     checkpointing: Checkpointing | None = None,
     before_step: Callable[[int], None] | None = None,
+    start: dict | None = None,
 ) -> SviResult:
     """Run SVI until converged or `niters` steps; the scheduler steps every step.
 
@@ -208,9 +217,12 @@ def run_svi(
     `checkpointing`, the whole state (guide, optimiser, schedule, losses, stop rule,
     recovery copies, torch RNG) is saved regularly, and a fit resumed from it continues
     exactly as the uninterrupted one would have. `before_step(step)` runs before each
-    step (a cell stream loads that step's batch).
+    step (a cell stream loads that step's batch). `start` (plain data: how the guide was
+    started) is returned in the result and kept in checkpoints, so that a resumed fit,
+    which does not start the guide again, reports the same.
     """
     loop = _Loop(elbo(model, guide), guide, settings)
+    loop.start = start
     if checkpointing is not None and checkpointing.state is not None:
         loop.load_state_dict(checkpointing.state)
         log.info("SVI resumed at step %d of %d", len(loop.losses), settings.niters)
@@ -236,6 +248,7 @@ class _Loop:
             max_recoveries=settings.max_recoveries, lr_factor=settings.recovery_lr_factor
         )
         self.seconds = 0.0
+        self.start: dict | None = None
 
     def _core(self) -> dict:
         """What a roll-back restores: everything but the loss trace, clock and RNG."""
@@ -269,6 +282,7 @@ class _Loop:
             "snapshots": self.snapshots.state_dict(),
             "seconds": self.seconds,
             "rng": torch.get_rng_state(),
+            "start": self.start,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -277,6 +291,7 @@ class _Loop:
         self.snapshots.load_state_dict(state["snapshots"])
         self.losses = list(state["losses"])
         self.seconds = state["seconds"]
+        self.start = state.get("start")
         torch.set_rng_state(state["rng"])
 
     def run(
@@ -327,7 +342,9 @@ class _Loop:
                 + f" ({'; '.join(r.describe() for r in recoveries)})"
             )
         log.info("SVI stopped after %d steps (%s) in %.1f s", len(self.losses), reason, seconds)
-        return SviResult(np.asarray(self.losses), len(self.losses), reason, seconds, recoveries)
+        return SviResult(
+            np.asarray(self.losses), len(self.losses), reason, seconds, recoveries, self.start
+        )
 
     def _anneal_rates(self, step: int) -> None:
         if self.anneal is not None:

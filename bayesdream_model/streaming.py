@@ -172,6 +172,13 @@ class CellStream:
             if later not in self._pending:
                 self._pending[later] = self._pool.submit(self._load, later)
 
+    def each_batch(self) -> Iterator[None]:
+        """Make every batch current in turn, in order (a full pass: the Laplace start)."""
+        for index in range(self.source.n_batches):
+            self.current = self.family.tensors(self.source.read_batch(index), self.device)
+            yield
+        self.current = None
+
     def close(self) -> None:
         """Stop reading ahead."""
         for pending in self._pending.values():

@@ -146,6 +146,11 @@ class Family(ABC):
 
     #: sites the guide pins to a point (AutoDelta) instead of a distribution
     point_sites: tuple[str, ...] = ()
+    #: how the Laplace start takes the log joint's second derivatives: "autograd" (double
+    #: backward; the likelihood is plain torch) or "finite_differences" of the gradient (the
+    #: likelihood is a custom autograd Function with a hand-written first derivative only,
+    #: whose double backward would be silently wrong)
+    second_derivatives: Literal["autograd", "finite_differences"] = "finite_differences"
     #: the likelihood reads only per-group sums that `merge_stats` can combine exactly
     mergeable: bool = False
 

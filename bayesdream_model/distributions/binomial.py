@@ -135,6 +135,7 @@ class Binomial(Family):
         )
 
     mergeable = True
+    second_derivatives = "autograd"  # plain torch ops: double backward is exact
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Totals add."""

@@ -141,6 +141,7 @@ class Normal(_Continuous):
         )
 
     mergeable = True
+    second_derivatives = "autograd"  # plain torch ops: double backward is exact
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Counts add; means and centred sums of squares merge by Chan et al.'s update."""

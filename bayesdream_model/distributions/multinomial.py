@@ -162,6 +162,7 @@ class Multinomial(Family):
         return FitTensors(y=torch.empty(0), groups=groups, n_groups=data.n_groups, stats=stats)
 
     mergeable = True
+    second_derivatives = "autograd"  # plain torch ops: double backward is exact
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Category totals and the lgamma constant add."""

@@ -1,0 +1,280 @@
+"""The Laplace start of the per-feature guide: each feature's MAP and Laplace covariance.
+
+Given the global sites (negbinom's beta_o), the log joint is a sum over features of
+terms that each depend on one feature's D unconstrained latents z_t (its effects,
+baseline, dispersion or scale): its gradient [T, D] is one backward pass, its Hessian
+[T, D, D] is D more (double backward where the family's likelihood is plain torch), or
+2D gradients at z ± h e_d (central differences where the likelihood is a custom
+autograd Function with a hand-written first derivative only: negbinom, Student-t). So a
+few damped Newton steps, batched over every feature at once, reach every feature's MAP
+for the price of a few dozen SVI steps, and the inverse negative Hessian there is the
+Laplace covariance. The guide starts at N(MAP, H^-1); SVI then only polishes (the
+variational optimum of a nearly Gaussian posterior is close to its Laplace
+approximation) instead of walking from the initial values at a learning rate that must
+first warm up: the fits of the benchmark screens took 4,500-13,000 steps that way.
+
+Newton per feature: the step -|H|^-1 g (eigenvalues taken by absolute value and floored,
+so a saddle or a flat direction still gives a descent direction), at most `max_radius`
+posterior standard deviations long; no per-feature objective value exists (the
+likelihood is one sum over features), so the line search works on the directional
+derivative g(z + a p).p, which must fall below half its starting size in absolute value
+(on a quadratic: a < 1.5 a*, where the objective still decreases); otherwise a shrinks
+to the secant estimate of the line minimum. A feature has converged when its Hessian is
+positive definite and its Newton decrement g^T H^-1 g (twice the predicted distance to
+the optimum, in nats) is below `tolerance`. Features that do not converge keep the
+guide's usual start (initial values, scales 0.1), and SVI fits them as it always did.
+
+Everything is deterministic (no random draws), so a resumed fit need not repeat it: the
+checkpoint holds the guide it produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from pyro import poutine
+
+from bayesdream_model.feature_guide import AUX_SITE, AutoFeatureMVN
+
+log = logging.getLogger(__name__)
+
+SecondDerivatives = Literal["autograd", "finite_differences"]
+Passes = Callable[[], Iterator[None]]  # sets each part of the data in turn (a cell stream)
+
+
+@dataclass(frozen=True)
+class LaplaceSettings:
+    """Newton's limits; the finite-difference step is `fd_fraction` of a posterior sd."""
+
+    max_iters: int = 25
+    tolerance: float = 1e-4
+    max_backtracks: int = 8
+    max_radius: float = 10.0  # a step is at most this many posterior sds (|H| metric)
+    fd_fraction: float = 0.1
+    fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
+    eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)
+
+
+@dataclass(frozen=True)
+class LaplaceResult:
+    """How the start went: Newton iterations, gradient evaluations (each of the whole
+    data, about one SVI step's work), features that took the Laplace start or kept theirs."""
+
+    iterations: int
+    gradient_evaluations: int
+    features_converged: int
+    features_kept_start: int
+    seconds: float
+
+    def summary(self) -> dict:
+        """Plain data (stored with the fit and in its checkpoints)."""
+        return asdict(self)
+
+
+def laplace_start(
+    model,
+    guide: AutoFeatureMVN,
+    *,
+    second_derivatives: SecondDerivatives,
+    passes: Passes | None = None,
+    settings: LaplaceSettings = LaplaceSettings(),
+) -> LaplaceResult:
+    """Move `guide`'s per-feature normals to each feature's MAP and Laplace covariance.
+
+    `passes`, for a fit whose cells are streamed, loads each batch of cells in turn: every
+    gradient is then the mean of the batches' (scaled) gradients, the whole data's
+    exactly, so the start is the in-memory fit's start.
+    """
+    start = time.perf_counter()
+    objective = _Objective(model, guide, second_derivatives, passes)
+    with torch.no_grad():
+        z0 = guide.loc.detach().clone()
+    newton = _Newton(objective, settings)
+    z, hessian, converged, iterations = newton.run(z0)
+    cov_chol, ok = _laplace_cholesky(hessian)
+    use = converged & ok
+    guide.set_feature_normal(z, cov_chol, use)
+    result = LaplaceResult(
+        iterations=iterations,
+        gradient_evaluations=objective.evaluations,
+        features_converged=int(use.sum()),
+        features_kept_start=int((~use).sum()),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    log.info(
+        "Laplace start: %d features at their MAP after %d Newton iterations (%d gradient "
+        "evaluations, %.1f s); %d kept the initial values",
+        result.features_converged,
+        iterations,
+        result.gradient_evaluations,
+        result.seconds,
+        result.features_kept_start,
+    )
+    return result
+
+
+class _Objective:
+    """f(z) = -log p(x(z)) - log|dx/dz| summed over features, and its derivatives [T, D]."""
+
+    def __init__(self, model, guide, second: SecondDerivatives, passes: Passes | None) -> None:
+        self.model, self.guide, self.second = model, guide, second
+        self.passes = passes or _one_pass
+        self.fixed = guide.global_values()
+        self.evaluations = 0  # gradients of the whole data (a pass counts once per point)
+
+    def value(self, z: torch.Tensor) -> torch.Tensor:
+        """f at z [T, D] (requires_grad for derivatives), on the current data."""
+        data = {AUX_SITE: z, **self.fixed}
+        guide_trace = poutine.trace(poutine.condition(self.guide, data=data)).get_trace()
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace()
+        return self.guide.feature_log_density(guide_trace) - model_trace.log_prob_sum()
+
+    def _gradient(self, z: torch.Tensor, *, graph: bool = False) -> tuple[torch.Tensor, ...]:
+        point = z.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.value(point), point, create_graph=graph)
+        return point, grad
+
+    def gradients(self, points: list[torch.Tensor]) -> list[torch.Tensor]:
+        """f's gradient at each point; one pass over the data for all of them."""
+        totals = [torch.zeros_like(p) for p in points]
+        parts = 0
+        for _ in self.passes():
+            parts += 1
+            for total, point in zip(totals, points, strict=True):
+                total += self._gradient(point)[1].detach()
+        self.evaluations += len(points)
+        return [t / parts for t in totals]
+
+    def derivatives(self, z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient [T, D] and Hessian [T, D, D] at z; `h` [T, D]: finite-difference steps."""
+        if self.second == "autograd":
+            return self._autograd_hessian(z)
+        width = z.shape[-1]
+        points = [z]
+        for d in range(width):
+            step = torch.zeros_like(z)
+            step[:, d] = h[:, d]
+            points += [z + step, z - step]
+        grads = self.gradients(points)
+        columns = [
+            (grads[1 + 2 * d] - grads[2 + 2 * d]) / (2 * h[:, d, None]) for d in range(width)
+        ]
+        hessian = torch.stack(columns, dim=-1)
+        return grads[0], 0.5 * (hessian + hessian.transpose(-1, -2))
+
+    def _autograd_hessian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row d of every feature's Hessian is the gradient of Σ_t g[t, d] (features are
+        independent, so no cross-feature terms): D backward passes through the gradient."""
+        grad_total, hess_total, parts = torch.zeros_like(z), None, 0
+        for _ in self.passes():
+            parts += 1
+            point, grad = self._gradient(z, graph=True)
+            rows = [
+                torch.autograd.grad(grad[:, d].sum(), point, retain_graph=True)[0]
+                for d in range(z.shape[-1])
+            ]
+            hess = torch.stack(rows, dim=-2).detach()
+            grad_total += grad.detach()
+            hess_total = hess if hess_total is None else hess_total + hess
+        self.evaluations += 1 + z.shape[-1]
+        hessian = hess_total / parts
+        return grad_total / parts, 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _one_pass() -> Iterator[None]:
+    yield
+
+
+class _Newton:
+    """Damped Newton steps for every feature at once (module docstring)."""
+
+    def __init__(self, objective: _Objective, settings: LaplaceSettings) -> None:
+        self.objective, self.settings = objective, settings
+
+    def run(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(z at the end, its Hessian, which features converged, Newton iterations)."""
+        settings = self.settings
+        h = settings.fd_first * (1.0 + z.abs())
+        converged = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        for iteration in range(settings.max_iters + 1):
+            grad, hessian = self.objective.derivatives(z, h)
+            step, decrement, positive = _newton_step(grad, hessian, settings.eigen_floor)
+            finite = torch.isfinite(grad).all(-1) & torch.isfinite(hessian).flatten(1).all(-1)
+            converged = finite & positive & (decrement < settings.tolerance)
+            moving = finite & ~converged
+            if iteration == settings.max_iters or not moving.any():
+                return z, hessian, converged, iteration
+            radius = torch.sqrt(decrement.clamp_min(0.0))
+            step = step * (settings.max_radius / radius.clamp_min(settings.max_radius))[:, None]
+            z = self._line_search(z, grad, torch.where(moving[:, None], step, 0.0))
+            sd = torch.sqrt(_abs_inverse_diagonal(hessian, settings.eigen_floor))
+            fresh = settings.fd_fraction * sd
+            floor = 1e-5 * (1.0 + z.abs())
+            h = torch.where(torch.isfinite(fresh), fresh.clamp_min(floor), h)
+        raise AssertionError("unreachable")
+
+    def _line_search(self, z: torch.Tensor, grad: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """z + a step per feature, a from 1 down until the directional derivative at the new
+        point is below half its size at z (features that never get there stay at z)."""
+        slope0 = (grad * step).sum(-1)  # < 0 where moving, 0 where not
+        alpha = torch.ones_like(slope0)
+        pending = slope0 < 0
+        for _ in range(self.settings.max_backtracks + 1):
+            if not pending.any():
+                break
+            trial = z + (alpha * pending)[:, None] * step
+            (g_new,) = self.objective.gradients([trial])
+            slope = (g_new * step).sum(-1)
+            good = torch.isfinite(g_new).all(-1) & (slope <= 0.5 * slope0.abs())
+            accept = pending & good
+            z = torch.where(accept[:, None], trial, z)
+            pending = pending & ~good
+            secant = slope0.abs() / (slope0.abs() + slope.clamp_min(0.0))
+            shrink = torch.where(torch.isfinite(secant), secant.clamp(0.1, 0.5), 0.1)
+            alpha = torch.where(pending, alpha * shrink, alpha)
+        return z
+
+
+def _eigen(hessian: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition in float64 (D is small; the spread of curvatures is not):
+    |eigenvalues| floored at `floor` x the largest, eigenvectors, and positive definiteness."""
+    values, vectors = torch.linalg.eigh(torch.nan_to_num(hessian.double()))
+    top = values.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    positive = values.amin(-1) > floor * top.squeeze(-1)
+    return values.abs().clamp_min(floor * top), vectors, positive
+
+
+def _newton_step(
+    grad: torch.Tensor, hessian: torch.Tensor, floor: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-|H|^-1 g [T, D], the decrement g^T |H|^-1 g [T], and whether H is positive definite."""
+    values, vectors, positive = _eigen(hessian, floor)
+    g = torch.nan_to_num(grad.double()).unsqueeze(-1)
+    rotated = vectors.transpose(-1, -2) @ g
+    step = -(vectors @ (rotated / values.unsqueeze(-1))).squeeze(-1)
+    decrement = (rotated.squeeze(-1) ** 2 / values).sum(-1)
+    return step.to(grad.dtype), decrement.to(grad.dtype), positive
+
+
+def _abs_inverse_diagonal(hessian: torch.Tensor, floor: float) -> torch.Tensor:
+    """diag(|H|^-1) [T, D]: each coordinate's posterior variance (for the next FD step)."""
+    values, vectors, _ = _eigen(hessian, floor)
+    return ((vectors**2) / values.unsqueeze(-2)).sum(-1).to(hessian.dtype)
+
+
+def _laplace_cholesky(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cholesky factor of H^-1 [T, D, D] and where it exists (H positive definite)."""
+    precision = torch.nan_to_num(hessian.double())
+    chol, info = torch.linalg.cholesky_ex(precision)
+    ok = info == 0
+    eye = torch.eye(hessian.shape[-1], dtype=precision.dtype, device=precision.device)
+    safe = torch.where(ok[:, None, None], chol, eye)
+    covariance = torch.cholesky_inverse(safe)
+    cov_chol, info = torch.linalg.cholesky_ex(covariance)
+    ok = ok & (info == 0) & torch.isfinite(cov_chol).flatten(1).all(-1)
+    return torch.where(ok[:, None, None], cov_chol, eye).to(hessian.dtype), ok
