@@ -120,14 +120,19 @@ class AutoFeatureMVN(AutoGuide):
                 values[block.name] = self._site(block, z, particles, plates)
         return values
 
-    def global_values(self) -> dict[str, torch.Tensor]:
-        """Each global site at its guide loc, constrained (the Laplace start holds them there)."""
-        return {
-            name: biject_to(self.prototype_trace.nodes[name]["fn"].support)(
-                getattr(self, f"loc_{name}")
-            ).detach()
-            for name in self._globals
-        }
+    def global_locs(self) -> dict[str, torch.Tensor]:
+        """Each global site's guide loc, unconstrained (detached copies)."""
+        return {name: getattr(self, f"loc_{name}").detach().clone() for name in self._globals}
+
+    def global_transform(self, name: str) -> Transform:
+        """The bijection from a global site's unconstrained loc to its support."""
+        return biject_to(self.prototype_trace.nodes[name]["fn"].support)
+
+    def set_global_normal(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """A global site's mean-field normal, in its unconstrained space."""
+        with torch.no_grad():
+            setattr(self, f"loc_{name}", loc.to(getattr(self, f"loc_{name}")))
+            setattr(self, f"scale_{name}", scale.to(getattr(self, f"scale_{name}")))
 
     def feature_log_density(self, trace) -> torch.Tensor:
         """Σ of the feature sites' log densities in a trace of this guide: the log Jacobians

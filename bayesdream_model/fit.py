@@ -113,24 +113,18 @@ def fit_technical(
     guide = build_guide(model, choice.kind, inits)
     guide(observe=False)  # build the guide's parameters before the first step
     guide.to(device)
-    laplace = options.init == "laplace" and choice.kind == "feature_mvn"
-    settings = svi_settings(options, choice.default_niters, laplace=laplace)
     try:
-        start = None
-        if laplace and (checkpointing is None or checkpointing.state is None):
-            passes = None if stream is None else stream.each_batch
-            second = family.second_derivatives
-            with pyro.validation_enabled(False):
-                start = laplace_start(model, guide, second_derivatives=second, passes=passes)
+        laplace = options.init == "laplace" and choice.kind == "feature_mvn"
+        start = _start(model, guide, stream, checkpointing) if laplace else None
         result = run_svi(
             model,
             guide,
             elbo_for(choice.kind),
-            settings,
+            svi_settings(options, choice.default_niters, start=start),
             on_progress=on_progress,
             checkpointing=checkpointing,
             before_step=None if stream is None else stream.advance,
-            start=None if start is None else start.summary(),
+            start=start,
         )
     finally:
         if stream is not None:
@@ -138,18 +132,40 @@ def fit_technical(
     return FittedModel(family, replace(model, stream=None), guide, choice.kind, n_features, result)
 
 
-#: the plateau rule after a Laplace start: the loss starts near its optimum, so windows of
-#: 100 steps (2 flat ones after the first) and a closing anneal of max(200 steps, 25 %)
-#: instead of 250 / 3 / max(1,000, 25 %); the learning rate warms up in 100 steps, not in
-#: 10 % of the iteration cap (5,000 steps)
-LAPLACE_SCHEDULE = {"warmup_steps": 100, "window": 100, "patience": 2, "anneal_windows": 2}
+#: the schedule after a Laplace start: the fit starts at its plateau, so Adam runs at
+#: `fit.lr` itself (no 10x peak: its steps of ~lr only jitter the guide around the
+#: optimum) after a 100-step warm-up (not 10 % of the iteration cap, 5,000 steps), windows
+#: of 100 steps, 2 flat ones after the first, "flat" meaning within 2 standard errors, and
+#: a closing anneal of max(200 steps, 25 %) instead of 250 / 3 / 1 / max(1,000, 25 %)
+LAPLACE_SCHEDULE = {
+    "peak_factor": 1.0,
+    "warmup_steps": 100,
+    "window": 100,
+    "patience": 2,
+    "noise_factor": 2.0,
+    "anneal_windows": 2,
+}
 
 
-def svi_settings(options: FitOptions, default_niters: int, *, laplace: bool) -> SviSettings:
-    """The optimiser and stop rule: the reference's schedule, or (a Laplace start under the
-    plateau rule) a short warm-up and a faster plateau rule; `convergence: ewma` is never
-    changed."""
-    short = laplace and options.convergence == "plateau"
+def _start(model, guide, stream: CellStream | None, checkpointing: Checkpointing | None) -> dict:
+    """The Laplace start's summary: run now, or, when resuming, the one the checkpoint
+    recorded (its guide state replaces the start: the deterministic start is not redone)."""
+    if checkpointing is not None and checkpointing.state is not None:
+        return checkpointing.state.get("start")
+    second = model.family.second_derivatives
+    passes = None if stream is None else stream.each_batch
+    with pyro.validation_enabled(False):  # as in SVI: argument checks cost, NaN is caught
+        return laplace_start(model, guide, second_derivatives=second, passes=passes).summary()
+
+
+def svi_settings(options: FitOptions, default_niters: int, *, start: dict | None) -> SviSettings:
+    """The optimiser and stop rule: the reference's schedule, or, after a Laplace start
+    that every feature took, under the plateau rule, `LAPLACE_SCHEDULE`. A feature that
+    kept the initial values needs the reference's schedule to get anywhere (and the
+    `ewma` rule is the reference's, never changed)."""
+    short = (
+        start is not None and start["features_kept_start"] == 0 and options.convergence == "plateau"
+    )
     return SviSettings(
         niters=options.niters or default_niters,
         lr=options.lr,

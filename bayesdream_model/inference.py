@@ -51,6 +51,12 @@ class SviSettings:
     window: int = 250
     patience: int = 3
     rel_tol: float = 1e-6
+    #: a window is flat when its mean changed by less than `noise_factor` standard errors
+    #: (or rel_tol): 1 for the reference's schedule; after a Laplace start 2, since the fit
+    #: starts at its plateau and the question is only whether it left it (at 1 standard
+    #: error, pure noise passes a window only ~2 times in 3, and Adam's correlated steps
+    #: make the per-step variance understate the window mean's noise ~1.5x)
+    noise_factor: float = 1.0
     #: after the plateau rule fires: max(anneal_windows x window, anneal_fraction x steps
     #: so far) more steps, the learning rate falling from its value then to anneal_floor x
     #: that value (cosine); 0 windows and fraction: stop at once
@@ -132,7 +138,7 @@ class PlateauDetector:
         if self.previous is not None:
             prev_mean, prev_var = self.previous
             improvement = prev_mean - mean
-            noise = math.sqrt((prev_var + var) / window)
+            noise = self.settings.noise_factor * math.sqrt((prev_var + var) / window)
             threshold = max(noise, self.settings.rel_tol * abs(mean))
             if abs(improvement) < threshold:
                 self.streak_start = prev_mean if self.flat == 0 else self.streak_start

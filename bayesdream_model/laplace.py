@@ -58,6 +58,7 @@ class LaplaceSettings:
     fd_fraction: float = 0.1
     fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
     eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)
+    global_rounds: int = 2  # globals, then the features again (models with global sites)
 
 
 @dataclass(frozen=True)
@@ -84,27 +85,37 @@ def laplace_start(
     passes: Passes | None = None,
     settings: LaplaceSettings = LaplaceSettings(),
 ) -> LaplaceResult:
-    """Move `guide`'s per-feature normals to each feature's MAP and Laplace covariance.
+    """Move `guide`'s per-feature normals to each feature's MAP and Laplace covariance, and
+    its global sites (beta_o) to their MAP given the features.
 
-    `passes`, for a fit whose cells are streamed, loads each batch of cells in turn: every
-    gradient is then the mean of the batches' (scaled) gradients, the whole data's
-    exactly, so the start is the in-memory fit's start.
+    Features and globals alternate (`global_rounds` times): the globals couple the
+    features only through their priors (beta_o through o_y ~ Exponential(beta_o)), weakly,
+    so two rounds reach the joint MAP. `passes`, for a fit whose cells are streamed, loads
+    each batch of cells in turn: every gradient is then the mean of the batches' (scaled)
+    gradients, the whole data's exactly, so the start is the in-memory fit's start.
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
     objective = _Objective(model, guide, second_derivatives, passes)
-    with torch.no_grad():
-        z0 = guide.loc.detach().clone()
     newton = _Newton(objective, settings)
-    z, hessian, converged, iterations = newton.run(z0)
+    z, hessian, converged, iterations = newton.run(guide.loc.detach().clone())
+    precision = None
+    for _ in range(settings.global_rounds if objective.u.numel() else 0):
+        precision, steps = _global_newton(objective, z, settings)
+        z, hessian, converged, more = newton.run(z)
+        iterations += steps + more
     cov_chol, ok = _laplace_cholesky(hessian)
     use = converged & ok
     guide.set_feature_normal(z, cov_chol, use)
+    if precision is not None and bool(torch.isfinite(precision).all() & (precision > 0).all()):
+        scale = precision.clamp_min(1e-30).rsqrt()  # the mean-field optimum: 1 / sqrt(H_ii)
+        for name, (loc, sd) in objective.split(objective.u, scale).items():
+            guide.set_global_normal(name, loc, sd)
     result = LaplaceResult(
         iterations=iterations,
         gradient_evaluations=objective.evaluations,
         features_converged=int(use.sum()),
         features_kept_start=int((~use).sum()),
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(time.perf_counter() - began, 3),
     )
     log.info(
         "Laplace start: %d features at their MAP after %d Newton iterations (%d gradient "
@@ -119,34 +130,58 @@ def laplace_start(
 
 
 class _Objective:
-    """f(z) = -log p(x(z)) - log|dx/dz| summed over features, and its derivatives [T, D]."""
+    """f(z, u) = -log p(x) - log|dx/dz| - log|dx/du|: the negative log joint of the
+    features' unconstrained latents z [T, D] and the globals' u [G] (flattened)."""
 
     def __init__(self, model, guide, second: SecondDerivatives, passes: Passes | None) -> None:
         self.model, self.guide, self.second = model, guide, second
         self.passes = passes or _one_pass
-        self.fixed = guide.global_values()
+        locs = guide.global_locs()
+        self.shapes = {name: loc.shape for name, loc in locs.items()}
+        self.u = torch.cat([loc.reshape(-1) for loc in locs.values()] or [guide.loc.new_zeros(0)])
         self.evaluations = 0  # gradients of the whole data (a pass counts once per point)
 
-    def value(self, z: torch.Tensor) -> torch.Tensor:
-        """f at z [T, D] (requires_grad for derivatives), on the current data."""
-        data = {AUX_SITE: z, **self.fixed}
-        guide_trace = poutine.trace(poutine.condition(self.guide, data=data)).get_trace()
-        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace()
-        return self.guide.feature_log_density(guide_trace) - model_trace.log_prob_sum()
+    def split(self, *flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Flat global vectors [G] -> each global site's pieces, by name."""
+        out, offset = {}, 0
+        for name, shape in self.shapes.items():
+            size = shape.numel()
+            out[name] = tuple(f[offset : offset + size].reshape(shape) for f in flat)
+            offset += size
+        return out
 
-    def _gradient(self, z: torch.Tensor, *, graph: bool = False) -> tuple[torch.Tensor, ...]:
-        point = z.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.value(point), point, create_graph=graph)
+    def value(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """f at (z, u), on the current data."""
+        fixed, log_jacobian = {}, 0.0
+        for name, (loc,) in self.split(u).items():
+            transform = self.guide.global_transform(name)
+            fixed[name] = transform(loc)
+            log_jacobian = log_jacobian + transform.log_abs_det_jacobian(loc, fixed[name]).sum()
+        data = {AUX_SITE: z, **fixed}
+        guide_trace = poutine.trace(poutine.condition(self.guide, data=data)).get_trace()
+        held = poutine.condition(self.model, data=fixed)  # the globals, as observed
+        model_trace = poutine.trace(poutine.replay(held, trace=guide_trace)).get_trace()
+        log_joint = model_trace.log_prob_sum() + log_jacobian
+        return self.guide.feature_log_density(guide_trace) - log_joint
+
+    def _gradient(self, z, u, *, wrt_globals: bool = False, graph: bool = False):
+        z, u = z.detach().requires_grad_(not wrt_globals), u.detach().requires_grad_(wrt_globals)
+        point = u if wrt_globals else z
+        (grad,) = torch.autograd.grad(self.value(z, u), point, create_graph=graph)
         return point, grad
 
-    def gradients(self, points: list[torch.Tensor]) -> list[torch.Tensor]:
-        """f's gradient at each point; one pass over the data for all of them."""
+    def gradients(self, points: list[torch.Tensor], *, z=None) -> list[torch.Tensor]:
+        """f's gradient at each point: points of z [T, D] (u held), or with `z` given,
+        points of u [G] (z held). One pass over the data for all of them."""
         totals = [torch.zeros_like(p) for p in points]
         parts = 0
         for _ in self.passes():
             parts += 1
             for total, point in zip(totals, points, strict=True):
-                total += self._gradient(point)[1].detach()
+                if z is None:
+                    total += self._gradient(point, self.u)[1].detach()
+                else:
+                    total += self._gradient(z, point, wrt_globals=True)[1].detach()
         self.evaluations += len(points)
         return [t / parts for t in totals]
 
@@ -154,18 +189,7 @@ class _Objective:
         """Gradient [T, D] and Hessian [T, D, D] at z; `h` [T, D]: finite-difference steps."""
         if self.second == "autograd":
             return self._autograd_hessian(z)
-        width = z.shape[-1]
-        points = [z]
-        for d in range(width):
-            step = torch.zeros_like(z)
-            step[:, d] = h[:, d]
-            points += [z + step, z - step]
-        grads = self.gradients(points)
-        columns = [
-            (grads[1 + 2 * d] - grads[2 + 2 * d]) / (2 * h[:, d, None]) for d in range(width)
-        ]
-        hessian = torch.stack(columns, dim=-1)
-        return grads[0], 0.5 * (hessian + hessian.transpose(-1, -2))
+        return _central_differences(self.gradients, z, h)
 
     def _autograd_hessian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row d of every feature's Hessian is the gradient of Σ_t g[t, d] (features are
@@ -173,7 +197,7 @@ class _Objective:
         grad_total, hess_total, parts = torch.zeros_like(z), None, 0
         for _ in self.passes():
             parts += 1
-            point, grad = self._gradient(z, graph=True)
+            point, grad = self._gradient(z, self.u, graph=True)
             rows = [
                 torch.autograd.grad(grad[:, d].sum(), point, retain_graph=True)[0]
                 for d in range(z.shape[-1])
@@ -184,6 +208,20 @@ class _Objective:
         self.evaluations += 1 + z.shape[-1]
         hessian = hess_total / parts
         return grad_total / parts, 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _central_differences(gradients, z: torch.Tensor, h: torch.Tensor):
+    """(g(z), symmetrised Hessian) of points [..., D] from g at z and z ± h_d e_d."""
+    width = z.shape[-1]
+    points = [z]
+    for d in range(width):
+        step = torch.zeros_like(z)
+        step[..., d] = h[..., d]
+        points += [z + step, z - step]
+    grads = gradients(points)
+    columns = [(grads[1 + 2 * d] - grads[2 + 2 * d]) / (2 * h[..., d, None]) for d in range(width)]
+    hessian = torch.stack(columns, dim=-1)
+    return grads[0], 0.5 * (hessian + hessian.transpose(-1, -2))
 
 
 def _one_pass() -> Iterator[None]:
@@ -200,44 +238,78 @@ class _Newton:
         """(z at the end, its Hessian, which features converged, Newton iterations)."""
         settings = self.settings
         h = settings.fd_first * (1.0 + z.abs())
-        converged = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         for iteration in range(settings.max_iters + 1):
             grad, hessian = self.objective.derivatives(z, h)
-            step, decrement, positive = _newton_step(grad, hessian, settings.eigen_floor)
-            finite = torch.isfinite(grad).all(-1) & torch.isfinite(hessian).flatten(1).all(-1)
-            converged = finite & positive & (decrement < settings.tolerance)
-            moving = finite & ~converged
+            step, decrement, converged, moving = _newton_step(grad, hessian, settings)
             if iteration == settings.max_iters or not moving.any():
                 return z, hessian, converged, iteration
-            radius = torch.sqrt(decrement.clamp_min(0.0))
-            step = step * (settings.max_radius / radius.clamp_min(settings.max_radius))[:, None]
-            z = self._line_search(z, grad, torch.where(moving[:, None], step, 0.0))
-            sd = torch.sqrt(_abs_inverse_diagonal(hessian, settings.eigen_floor))
-            fresh = settings.fd_fraction * sd
-            floor = 1e-5 * (1.0 + z.abs())
-            h = torch.where(torch.isfinite(fresh), fresh.clamp_min(floor), h)
+            z = _line_search(self.objective.gradients, z, grad, step, settings.max_backtracks)
+            h = _next_steps(hessian, z, h, settings)
         raise AssertionError("unreachable")
 
-    def _line_search(self, z: torch.Tensor, grad: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """z + a step per feature, a from 1 down until the directional derivative at the new
-        point is below half its size at z (features that never get there stay at z)."""
-        slope0 = (grad * step).sum(-1)  # < 0 where moving, 0 where not
-        alpha = torch.ones_like(slope0)
-        pending = slope0 < 0
-        for _ in range(self.settings.max_backtracks + 1):
-            if not pending.any():
-                break
-            trial = z + (alpha * pending)[:, None] * step
-            (g_new,) = self.objective.gradients([trial])
-            slope = (g_new * step).sum(-1)
-            good = torch.isfinite(g_new).all(-1) & (slope <= 0.5 * slope0.abs())
-            accept = pending & good
-            z = torch.where(accept[:, None], trial, z)
-            pending = pending & ~good
-            secant = slope0.abs() / (slope0.abs() + slope.clamp_min(0.0))
-            shrink = torch.where(torch.isfinite(secant), secant.clamp(0.1, 0.5), 0.1)
-            alpha = torch.where(pending, alpha * shrink, alpha)
-        return z
+
+def _global_newton(
+    objective: _Objective, z: torch.Tensor, settings: LaplaceSettings
+) -> tuple[torch.Tensor, int]:
+    """Newton on the globals u [G] with the features held at z (central differences of
+    the gradient: G is tiny); updates `objective.u`, returns the Hessian's diagonal there
+    and the iterations run."""
+    u = objective.u[None]  # one "feature" of G coordinates
+    h = settings.fd_first * (1.0 + u.abs())
+
+    def gradients(points: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [g[None] for g in objective.gradients([p[0] for p in points], z=z)]
+
+    for iteration in range(settings.max_iters + 1):
+        grad, hessian = _central_differences(gradients, u, h)
+        step, _, _, moving = _newton_step(grad, hessian, settings)
+        if iteration == settings.max_iters or not moving.any():
+            break
+        u = _line_search(gradients, u, grad, step, settings.max_backtracks)
+        h = _next_steps(hessian, u, h, settings)
+    objective.u = u[0]
+    return torch.diagonal(hessian[0]), iteration
+
+
+def _newton_step(grad: torch.Tensor, hessian: torch.Tensor, settings: LaplaceSettings):
+    """The damped step -|H|^-1 g (at most `max_radius` sds long; 0 where converged), the
+    decrement g^T |H|^-1 g, and which rows have converged / must still move."""
+    step, decrement, positive = _raw_step(grad, hessian, settings.eigen_floor)
+    finite = torch.isfinite(grad).all(-1) & torch.isfinite(hessian).flatten(1).all(-1)
+    converged = finite & positive & (decrement < settings.tolerance)
+    moving = finite & ~converged
+    radius = torch.sqrt(decrement.clamp_min(0.0))
+    step = step * (settings.max_radius / radius.clamp_min(settings.max_radius))[:, None]
+    return torch.where(moving[:, None], step, 0.0), decrement, converged, moving
+
+
+def _next_steps(hessian, z, h, settings: LaplaceSettings) -> torch.Tensor:
+    """Finite-difference steps for the next Hessian: `fd_fraction` of each coordinate's
+    posterior sd (diag |H|^-1), floored well above float32 rounding of z."""
+    fresh = settings.fd_fraction * torch.sqrt(_abs_inverse_diagonal(hessian, settings.eigen_floor))
+    floor = 1e-5 * (1.0 + z.abs())
+    return torch.where(torch.isfinite(fresh), fresh.clamp_min(floor), h)
+
+
+def _line_search(gradients, z: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, tries: int):
+    """z + a step per row, a from 1 down until the directional derivative at the new point
+    is below half its size at z (rows that never get there stay at z)."""
+    slope0 = (grad * step).sum(-1)  # < 0 where moving, 0 where not
+    alpha = torch.ones_like(slope0)
+    pending = slope0 < 0
+    for _ in range(tries + 1):
+        if not pending.any():
+            break
+        trial = z + (alpha * pending)[:, None] * step
+        (g_new,) = gradients([trial])
+        slope = (g_new * step).sum(-1)
+        good = torch.isfinite(g_new).all(-1) & (slope <= 0.5 * slope0.abs())
+        z = torch.where((pending & good)[:, None], trial, z)
+        pending = pending & ~good
+        secant = slope0.abs() / (slope0.abs() + slope.clamp_min(0.0))
+        shrink = torch.where(torch.isfinite(secant), secant.clamp(0.1, 0.5), 0.1)
+        alpha = torch.where(pending, alpha * shrink, alpha)
+    return z
 
 
 def _eigen(hessian: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,7 +321,7 @@ def _eigen(hessian: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Ten
     return values.abs().clamp_min(floor * top), vectors, positive
 
 
-def _newton_step(
+def _raw_step(
     grad: torch.Tensor, hessian: torch.Tensor, floor: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-|H|^-1 g [T, D], the decrement g^T |H|^-1 g [T], and whether H is positive definite."""
