@@ -131,8 +131,8 @@ class AutoFeatureMVN(AutoGuide):
     def set_global_normal(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
         """A global site's mean-field normal, in its unconstrained space."""
         with torch.no_grad():
-            setattr(self, f"loc_{name}", loc.to(getattr(self, f"loc_{name}")))
-            setattr(self, f"scale_{name}", scale.to(getattr(self, f"scale_{name}")))
+            setattr(self, f"loc_{name}", loc.to(getattr(self, f"loc_{name}")).contiguous())
+            setattr(self, f"scale_{name}", scale.to(getattr(self, f"scale_{name}")).contiguous())
 
     def feature_log_density(self, trace) -> torch.Tensor:
         """Σ of the feature sites' log densities in a trace of this guide: the log Jacobians
@@ -152,12 +152,15 @@ class AutoFeatureMVN(AutoGuide):
         scale = torch.diagonal(scale_tril, dim1=-2, dim2=-1)
         unit = scale_tril / scale.unsqueeze(-2)  # columns divided by their scale
         pick = use.to(self.loc.device)
+        # contiguous: a Cholesky factor comes column-major from LAPACK, and a parameter
+        # laid out so sums in another order than one restored from a checkpoint (the
+        # resumed fit would differ in the last bit)
         with torch.no_grad():
-            self.loc = torch.where(pick[:, None], loc.to(self.loc), self.loc)
-            self.scale = torch.where(pick[:, None], scale.to(self.scale), self.scale)
+            self.loc = torch.where(pick[:, None], loc.to(self.loc), self.loc).contiguous()
+            self.scale = torch.where(pick[:, None], scale.to(self.scale), self.scale).contiguous()
             self.unit_tril = torch.where(
                 pick[:, None, None], unit.to(self.unit_tril), self.unit_tril
-            )
+            ).contiguous()
 
     def scale_tril(self) -> torch.Tensor:
         """[T, D, D]: each feature's Cholesky factor, unit_tril @ diag(scale)."""

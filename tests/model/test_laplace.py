@@ -29,18 +29,23 @@ import torch.distributions as td
 from factories import negbinom_screen
 from scipy.optimize import minimize
 
+import bayesdream_model.fit
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.fit import FitOptions, fit_technical
 from bayesdream_model.guides import build_guide
+from bayesdream_model.inference import Checkpointing
 from bayesdream_model.laplace import LaplaceSettings, laplace_start
 from bayesdream_model.model import TechnicalModel
 from bayesdream_model.simulate import simulate_continuous
+from bayesdream_model.streaming import CellStream, InMemoryCells
+from tasks.checkpoint import decode_state, encode_state
 
 N_CELLS, N_FEATURES, N_GROUPS = 600, 6, 3
 LOC_SDS = 0.05
 SD_RELATIVE = 0.02
 CORRELATION = 0.02
+DEFAULT = LaplaceSettings()
 
 
 def continuous_data(name: str) -> FitArrays:
@@ -56,22 +61,32 @@ def negbinom_data() -> FitArrays:
     return data
 
 
-def plain_guide(name: str, data: FitArrays):
-    """The model and its per-feature guide at the initial values (scales 0.1)."""
+def plain_guide(name: str, data: FitArrays, stream: CellStream | None = None):
+    """The model (reading `stream` if given) and its per-feature guide at the initial
+    values (scales 0.1)."""
     pyro.set_rng_seed(0)  # sites without initial values start at a median of prior draws
     family = get_family(name)
-    model = TechnicalModel(family, family.prior_inputs(data), N_GROUPS, family.tensors(data, "cpu"))
+    tensors = None if stream is not None else family.tensors(data, "cpu")
+    model = TechnicalModel(family, family.prior_inputs(data), N_GROUPS, tensors, stream)
     guide = build_guide(model, "feature_mvn", family.initial_values(data))
     guide(observe=False)
     return model, guide
 
 
-def started_guide(name: str, data: FitArrays, settings: LaplaceSettings = LaplaceSettings()):
+def started_guide(
+    name: str,
+    data: FitArrays,
+    settings: LaplaceSettings = DEFAULT,
+    stream: CellStream | None = None,
+):
     """The model, its guide after the Laplace start (no SVI), the initial locs [T, D]."""
-    model, guide = plain_guide(name, data)
+    model, guide = plain_guide(name, data, stream)
     z0 = guide.loc.detach().clone()
     second = get_family(name).second_derivatives
-    result = laplace_start(model, guide, second_derivatives=second, settings=settings)
+    passes = None if stream is None else stream.each_batch
+    result = laplace_start(
+        model, guide, second_derivatives=second, passes=passes, settings=settings
+    )
     return model, guide, result, z0
 
 
@@ -212,3 +227,63 @@ def test_init_option_picks_the_start_and_the_schedule() -> None:
     reference = fit_technical(family, data, FitOptions(niters=30, guide="mean_field"))
     assert reference.guide_kind == "mean_field" and reference.svi.start is None
     assert math.isfinite(laplace.svi.losses[0]) and laplace.svi.losses[0] < prior.svi.losses[0]
+
+
+def sd_and_correlation(guide) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guide's per-feature sds [T, D] and correlation matrices [T, D, D]."""
+    chol = guide.scale_tril().detach().double()
+    cov = chol @ chol.transpose(-1, -2)
+    sd = cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    return sd, cov / (sd.unsqueeze(-1) * sd.unsqueeze(-2))
+
+
+def data_for(name: str) -> FitArrays:
+    return negbinom_data() if name == "negbinom" else continuous_data(name)
+
+
+@pytest.mark.parametrize("name", ["negbinom", "studentt"])
+def test_streamed_cells_give_the_in_memory_start(name: str) -> None:
+    """A full pass over the batches per gradient: the whole data's start, up to float32
+    sums in another order (locs within 1e-3 posterior sd; the covariances within the
+    finite-difference noise the reference test allows)."""
+    data = data_for(name)
+    _, whole, _, _ = started_guide(name, data)
+    stream = CellStream(get_family(name), InMemoryCells(data, batch_cells=130), "cpu")
+    try:
+        _, streamed, result, _ = started_guide(name, data, stream=stream)
+    finally:
+        stream.close()
+    assert result.features_converged == N_FEATURES
+    sd = whole.scale.detach()
+    torch.testing.assert_close(streamed.loc / sd, whole.loc / sd, rtol=0, atol=1e-3)
+    (sd_s, corr_s), (sd_w, corr_w) = (sd_and_correlation(g) for g in (streamed, whole))
+    assert ((sd_s / sd_w - 1).abs()).max() <= SD_RELATIVE
+    assert (corr_s - corr_w).abs().max() <= CORRELATION
+
+
+@pytest.mark.parametrize(("name", "batch_cells"), [("studentt", None), ("negbinom", 150)])
+def test_a_fit_resumed_after_the_laplace_start_is_exact(
+    name: str, batch_cells: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint holds the started guide and the start's summary: a resumed fit does
+    not start again and ends bit for bit where the uninterrupted one did."""
+    data = data_for(name)
+    cells = data if batch_cells is None else InMemoryCells(data, batch_cells=batch_cells)
+    family, options = get_family(name), FitOptions(niters=60)
+    saved: list[bytes] = []
+
+    def save(state: dict) -> None:
+        if len(state["losses"]) == 25:
+            saved.append(encode_state(state))  # the store's plain-data checkpoint format
+
+    full = fit_technical(family, cells, options, checkpointing=Checkpointing(save, every_s=0.0))
+    assert full.svi.start["features_converged"] == N_FEATURES and len(saved) == 1
+    monkeypatch.setattr(bayesdream_model.fit, "laplace_start", None)  # must not be called
+    state = decode_state(saved[0])
+    resumed = fit_technical(
+        family, cells, options, checkpointing=Checkpointing(lambda s: None, state, 0.0)
+    )
+    np.testing.assert_array_equal(resumed.svi.losses, full.svi.losses)
+    assert resumed.svi.start == full.svi.start
+    for key, value in full.params().items():
+        np.testing.assert_array_equal(resumed.params()[key], value, err_msg=key)
