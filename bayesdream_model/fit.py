@@ -52,9 +52,9 @@ class FitOptions:
     guide: GuidePreference = "auto"
     convergence: Literal["plateau", "ewma"] = "plateau"
     #: "laplace": the per-feature guide starts at each feature's MAP and Laplace covariance
-    #: (`bayesdream_model.laplace`) and, under the plateau rule, SVI polishes it on a short
-    #: schedule; "prior": every guide starts at the initial values (scales 0.1) on the
-    #: reference's schedule. Other guides always start at the initial values.
+    #: (`bayesdream_model.laplace`) and SVI polishes it on a short schedule; "prior": it
+    #: starts at the initial values (scales 0.1) on the reference's schedule, as the other
+    #: guides and every fit under `convergence: ewma` always do.
     init: Literal["laplace", "prior"] = "laplace"
     #: names the fit in warnings and errors ("modality 'gene'")
     label: str | None = None
@@ -114,7 +114,11 @@ def fit_technical(
     guide(observe=False)  # build the guide's parameters before the first step
     guide.to(device)
     try:
-        laplace = options.init == "laplace" and choice.kind == "feature_mvn"
+        laplace = (
+            options.init == "laplace"
+            and choice.kind == "feature_mvn"
+            and options.convergence == "plateau"  # `ewma`: the reference's fit, unchanged
+        )
         start = _start(model, guide, stream, checkpointing) if laplace else None
         result = run_svi(
             model,
@@ -160,12 +164,9 @@ def _start(model, guide, stream: CellStream | None, checkpointing: Checkpointing
 
 def svi_settings(options: FitOptions, default_niters: int, *, start: dict | None) -> SviSettings:
     """The optimiser and stop rule: the reference's schedule, or, after a Laplace start
-    that every feature took, under the plateau rule, `LAPLACE_SCHEDULE`. A feature that
-    kept the initial values needs the reference's schedule to get anywhere (and the
-    `ewma` rule is the reference's, never changed)."""
-    short = (
-        start is not None and start["features_kept_start"] == 0 and options.convergence == "plateau"
-    )
+    that every feature took, `LAPLACE_SCHEDULE` (a feature that kept the initial values
+    needs the reference's schedule to get anywhere)."""
+    short = start is not None and start["features_kept_start"] == 0
     return SviSettings(
         niters=options.niters or default_niters,
         lr=options.lr,

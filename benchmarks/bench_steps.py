@@ -88,6 +88,7 @@ def run_one(family: str, cells: int, features: int, seed: int, mode: str) -> dic
     data, truth = simulate(family, cells, features, seed)
     import os  # DEV
     import bayesdream_model.fit as F  # DEV
+
     F.LAPLACE_SCHEDULE.update(json.loads(os.environ.get("SCHED", "{}")))  # DEV
     start = time.perf_counter()
     fitted = fit_technical(get_family(family), data, FitOptions(seed=seed, init=mode))
@@ -185,9 +186,7 @@ def print_tables(rows: list[dict], ratios: list[dict]) -> None:
             f"  {r['ms_per_step']:>7.2f}  {r['fit_s']:>5.1f}  {r['correlation']:.5f}"
             f"  {r['rmse']:.5f}  {r['coverage90']:.4f}"
         )
-    print(
-        "\nfamily       cells  steps old/new  x steps  x work  x time  d_corr    d_cov90"
-    )
+    print("\nfamily       cells  steps old/new  x steps  x work  x time  d_corr    d_cov90")
     for c in ratios:
         print(
             f"{c['family']:<11}  {c['cells']:>5}  {c['steps_old']:>6}/{c['steps_new']:<6}"

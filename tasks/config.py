@@ -185,6 +185,10 @@ class FitConfig(BaseModel):
     # plateau: stop when the loss no longer improves beyond its noise; ewma: the
     # reference's rule (docs/model.md, section 8)
     convergence: Literal["plateau", "ewma"] = "plateau"
+    # laplace: the per-feature guide starts at each feature's MAP and Laplace covariance
+    # and SVI polishes it on a short schedule; prior: the initial values and the
+    # reference's schedule (docs/model.md, sections 7-8)
+    init: Literal["laplace", "prior"] = "laplace"
     threads: int | None = Field(default=None, gt=0)  # torch CPU threads; None = 1
     checkpoint_seconds: float = Field(default=30.0, gt=0)  # SVI state saved this often
     # auto: stream the fit cells from the store in batches when they do not fit the device

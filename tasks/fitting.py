@@ -112,6 +112,7 @@ def fit_modality(
         vram_bytes=total_vram(device),
         guide=fit.guide,
         convergence=fit.convergence,
+        init=fit.init,
         label=f"modality '{name}'",
     )
     group, state = _fit_group(root, name, fingerprint)
@@ -200,6 +201,7 @@ def _save_checkpoint(group: zarr.Group, state: dict) -> None:
 
 def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, device: str) -> None:
     """Guide state, prior inputs, loss trace and how the fit went; the checkpoint goes."""
+    start = fitted.svi.start or {}
     group.attrs.update(
         distribution=fitted.family.spec.name,
         guide=fitted.guide_kind,
@@ -209,6 +211,10 @@ def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, dev
         stop_reason=fitted.svi.stop_reason,
         fit_seconds=fitted.svi.seconds,
         recoveries=[asdict(r) for r in fitted.svi.recoveries],
+        # the Laplace start (None: the initial values): Newton iterations, gradient
+        # evaluations, features that took it; its time apart, with the other timings
+        laplace_start={k: v for k, v in start.items() if k != "seconds"} or None,
+        laplace_seconds=start.get("seconds"),
     )
     params = group.require_group("params")
     for key, value in fitted.params().items():

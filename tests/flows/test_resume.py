@@ -38,7 +38,7 @@ SVI = [
 # A short fit, then many one-draw batches (tens of ms each): a window to kill in.
 SAMPLING_DRAWS = 100
 SAMPLING = ["fit.niters=60", f"fit.nsamples={SAMPLING_DRAWS}", "fit.minibatch_size=1"]
-TIMING_ATTRS = {"fit_seconds", "sampling_seconds"}
+TIMING_ATTRS = {"fit_seconds", "sampling_seconds", "laplace_seconds"}
 
 
 # -- fixtures and helpers ---------------------------------------------------------------

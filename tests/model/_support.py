@@ -24,13 +24,14 @@ def fit_negbinom(
     data: FitArrays,
     guide: str,
     *,
-    niters: int,
+    niters: int | None,
     lr: float = 1e-3,
     seed: int = 0,
     on_progress: ProgressFn | None = None,
+    init: str = "laplace",
 ) -> FittedModel:
-    """A negbinom fit with the given guide (asserted)."""
-    options = FitOptions(niters=niters, lr=lr, seed=seed, guide=guide)
+    """A negbinom fit with the given guide (asserted); `init` matters to feature_mvn."""
+    options = FitOptions(niters=niters, lr=lr, seed=seed, guide=guide, init=init)
     limit = 0 if guide == "mean_field" else bayesdream_model.guides.CPU_FLOW_MAX_LATENT
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bayesdream_model.guides, "CPU_FLOW_MAX_LATENT", limit)
