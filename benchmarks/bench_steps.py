@@ -86,10 +86,7 @@ def run_one(family: str, cells: int, features: int, seed: int, mode: str) -> dic
     from bayesdream_model.posterior import draw_range
 
     data, truth = simulate(family, cells, features, seed)
-    import os  # DEV
-    import bayesdream_model.fit as F  # DEV
 
-    F.LAPLACE_SCHEDULE.update(json.loads(os.environ.get("SCHED", "{}")))  # DEV
     start = time.perf_counter()
     fitted = fit_technical(get_family(family), data, FitOptions(seed=seed, init=mode))
     fit_s = time.perf_counter() - start

@@ -49,7 +49,7 @@ def test_model_doc_covers_the_options_that_change_the_model() -> None:
         "Bad input",
     ):
         assert heading in text, heading
-    for option in ("guide", "convergence"):
+    for option in ("guide", "convergence", "init"):
         for choice in typing.get_args(FitConfig.model_fields[option].annotation):
             assert f"`{choice}`" in text or f"{option}: {choice}" in text, choice
     readme = (ROOT / "README.md").read_text()

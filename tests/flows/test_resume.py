@@ -35,6 +35,9 @@ SVI = [
     "fit.checkpoint_seconds=0.5",
     "fit.nsamples=20",
 ]
+# The default plateau rule after the Laplace start: it cannot stop before 500 steps, so the
+# fit runs all 250 from the started guide (which the checkpoint holds).
+SVI_LAPLACE = ["fit.niters=250", "fit.checkpoint_seconds=0.5", "fit.nsamples=20"]
 # A short fit, then many one-draw batches (tens of ms each): a window to kill in.
 SAMPLING_DRAWS = 100
 SAMPLING = ["fit.niters=60", f"fit.nsamples={SAMPLING_DRAWS}", "fit.minibatch_size=1"]
@@ -142,13 +145,14 @@ def messages() -> Iterator[list[str]]:
 
 
 # -- SVI --------------------------------------------------------------------------------
+@pytest.mark.parametrize("svi", [SVI, SVI_LAPLACE], ids=["ewma", "laplace_start"])
 def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
-    demo: Path, tmp_path: Path, child, messages: list[str]
+    demo: Path, tmp_path: Path, child, messages: list[str], svi: list[str]
 ) -> None:
     # a finished store of other fit options, rerun with SVI's and killed mid-fit
     store = _uninterrupted(demo, [], tmp_path / "killed.zarr")
     assert _claims_complete(store) == ["/", results_key("gene"), CIS_KEY]
-    run = child(demo, _with_store(SVI, store))
+    run = child(demo, _with_store(svi, store))
     run.wait_until(lambda: _chunks_written(store / CHECKPOINT), "SVI checkpoint")
     run.kill()
 
@@ -164,18 +168,21 @@ def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
     assert 0 < steps_done < 250
 
     # the rerun resumes at the checkpoint's step; ingestion and filters are skipped
-    technical_fit(str(demo), _with_store(SVI, store))
+    technical_fit(str(demo), _with_store(svi, store))
     assert "Modality 'gene': resuming the fit from its checkpoint" in messages
     assert f"SVI resumed at step {steps_done} of 250" in messages
     assert any("ingestion skipped" in m for m in messages)
     assert tasks.fitting.CHECKPOINT not in zarr.open_group(str(store / fit_key("gene")), mode="r")
 
-    reference = _uninterrupted(demo, SVI, tmp_path / "uninterrupted.zarr")
+    reference = _uninterrupted(demo, svi, tmp_path / "uninterrupted.zarr")
     # SVI on the CPU with one thread is deterministic, and the checkpoint holds the whole
-    # loop state (guide, Adam moments, one-cycle schedule, losses, EWMA, torch RNG):
-    # the resumed fit takes the very same steps, so everything is equal bit for bit.
+    # loop state (guide, Adam moments, one-cycle schedule, losses, EWMA, torch RNG, the
+    # Laplace start's summary): the resumed fit takes the very same steps, so everything is
+    # equal bit for bit.
     _assert_same_results(store, reference)
-    assert zarr.open_group(str(store), mode="r")[fit_key("gene")].attrs["niters_run"] == 250
+    attrs = zarr.open_group(str(store), mode="r")[fit_key("gene")].attrs
+    assert attrs["niters_run"] == 250
+    assert (attrs["laplace_start"] is None) == (svi is SVI)  # ewma: the reference's start
 
 
 def test_unreadable_checkpoint_restarts_the_fit(
