@@ -20,9 +20,11 @@ likelihood is one sum over features), so the line search works on the directiona
 derivative g(z + a p).p, which must fall below half its starting size in absolute value
 (on a quadratic: a < 1.5 a*, where the objective still decreases); otherwise a shrinks
 to the secant estimate of the line minimum. A feature has converged when its Hessian is
-positive definite and its Newton decrement g^T H^-1 g (twice the predicted distance to
-the optimum, in nats) is below `tolerance`. Features that do not converge keep the
-guide's usual start (initial values, scales 0.1), and SVI fits them as it always did.
+positive definite and its Newton decrement g^T H^-1 g (twice the predicted excess of its
+objective over the optimum, in nats) is below `tolerance`. Features that do not converge
+keep the guide's usual start (initial values, scales 0.1), and the fit then runs the
+reference's schedule (`bayesdream_model.fit.svi_settings`). Global sites get the same
+Newton steps with the features held, alternating with them (`laplace_start`).
 
 Everything is deterministic (no random draws), so a resumed fit need not repeat it: the
 checkpoint holds the guide it produced.

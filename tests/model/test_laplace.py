@@ -32,7 +32,7 @@ from scipy.optimize import minimize
 import bayesdream_model.fit
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
-from bayesdream_model.fit import FitOptions, fit_technical
+from bayesdream_model.fit import FitOptions, fit_technical, svi_settings
 from bayesdream_model.guides import build_guide
 from bayesdream_model.inference import Checkpointing
 from bayesdream_model.laplace import LaplaceSettings, laplace_start
@@ -287,3 +287,16 @@ def test_a_fit_resumed_after_the_laplace_start_is_exact(
     assert resumed.svi.start == full.svi.start
     for key, value in full.params().items():
         np.testing.assert_array_equal(resumed.params()[key], value, err_msg=key)
+
+
+def test_the_short_schedule_only_after_a_start_every_feature_took() -> None:
+    """A feature that kept the initial values needs the reference's schedule."""
+    options = FitOptions()
+    took = {"features_converged": 5, "features_kept_start": 0}
+    short = svi_settings(options, 50_000, start=took)
+    assert (short.window, short.patience, short.peak_factor) == (100, 2, 1.0)
+    assert short.warmup_steps == 100 and short.noise_factor == 2.0
+    for start in (None, {"features_converged": 4, "features_kept_start": 1}):
+        reference = svi_settings(options, 50_000, start=start)
+        assert (reference.window, reference.patience, reference.peak_factor) == (250, 3, 10.0)
+        assert reference.warmup_steps is None and reference.noise_factor == 1.0
