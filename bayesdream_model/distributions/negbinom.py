@@ -41,7 +41,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     From the non-zero entries (dense input is made sparse first): the entries sorted by
     (feature, group) with their size factors and codes, for the one per-entry pass
     (`nonzero_log1p`); the per-group totals of y and of y / sf^k (the y log(mu + ε)
-    terms); the (feature, value) histogram (the lgamma terms); and the constant.
+    terms, the latter as the coefficients of their series); the (feature, value) histogram (the lgamma terms); and the constant.
     """
     y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
     groups = np.asarray(data.groups, dtype=np.int64)
@@ -74,7 +74,7 @@ def _entry_arrays(
         "entry_sf": np.empty(y.nnz, dtype=np.float32),
         "codes": np.empty(y.nnz, dtype=code_dtype(n_features, n_groups)),
         "group_totals": np.zeros((n_features, n_groups)),
-        "inverse_totals": np.zeros((EPS_TERMS, n_features, n_groups)),
+        "eps_weights": np.zeros((EPS_TERMS, n_features, n_groups)),
     }
     pairs, counts, constant = [], [], 0.0
     for lo, hi in _column_runs(y.indptr, ENTRY_CHUNK):
@@ -88,9 +88,9 @@ def _entry_arrays(
         out["codes"][span] = key + lo * n_groups
         width = (hi - lo) * n_groups
         out["group_totals"][lo:hi] = np.bincount(key, values, width).reshape(hi - lo, -1)
-        for k in range(EPS_TERMS):  # Σ y / sf^(k+1) per (g, t)
-            weights = values / sf[rows] ** (k + 1)
-            out["inverse_totals"][k, lo:hi] = np.bincount(key, weights, width).reshape(hi - lo, -1)
+        for k in range(1, EPS_TERMS + 1):  # (-1)^(k+1) / k Σ y / sf^k per (g, t)
+            weights = values * ((-1.0) ** (k + 1) / k) / sf[rows] ** k
+            out["eps_weights"][k - 1, lo:hi] = np.bincount(key, weights, width).reshape(hi - lo, -1)
         run_pairs, run_counts = _value_histogram(local, values, hi - lo)
         run_pairs[0] += lo
         pairs.append(run_pairs)
@@ -101,7 +101,7 @@ def _entry_arrays(
     lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
     out["constant"] = np.float64(constant - out["pair_count"] @ lgamma_y1)
     out["group_totals"] = out["group_totals"].T  # [C, T]
-    out["inverse_totals"] = out["inverse_totals"].transpose(0, 2, 1)  # [K, C, T]
+    out["eps_weights"] = out["eps_weights"].transpose(0, 2, 1)  # [K, C, T]
     return out
 
 
@@ -194,8 +194,11 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         + (phi * table).sum()
         + NonzeroLog1p.apply(x.T.reshape(-1), totals.T.reshape(-1), stats)
     )
+    # lgamma(φ) once per feature, not once per (feature, value) pair
     phi_pair = phi.index_select(0, stats["pair_feature"])
-    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
+    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi).index_select(
+        0, stats["pair_feature"]
+    )
     total = (
         -log1p_term
         - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
@@ -208,13 +211,13 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def _eps_series(m: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ_{y > 0} y log1p(ε/μ) = Σ_{g,t} Σ_k (-1)^(k+1) (ε/m)^k / k Σ y / sf^k (Horner)."""
+    """Σ_{y > 0} y log1p(ε/μ) = Σ_{g,t} Σ_k (-1)^(k+1) (ε/m)^k / k Σ y / sf^k, by Horner
+    over the coefficients `eps_weights` [K, C, T] (sign and 1/k included)."""
     ratio = LOG_EPS / torch.maximum(m, stats["sf_floor"][:, None])  # [C, T]
-    weights = stats["inverse_totals"]  # [K, C, T]
-    series = torch.zeros_like(m)
-    for k in range(weights.shape[0], 0, -1):
-        sign = 1.0 if k % 2 else -1.0
-        series = ratio * (sign * weights[k - 1] / k + series)
+    weights = stats["eps_weights"]
+    series = ratio * weights[-1]
+    for k in range(weights.shape[0] - 2, -1, -1):
+        series = ratio * (weights[k] + series)
     return series.sum()
 
 
