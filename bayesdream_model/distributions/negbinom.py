@@ -194,11 +194,10 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         + (phi * table).sum()
         + NonzeroLog1p.apply(x.T.reshape(-1), totals.T.reshape(-1), stats)
     )
-    # lgamma(φ) once per feature, not once per (feature, value) pair
+    # per pair, not lgamma(φ) once per feature: near the Poisson limit the pair's
+    # difference digamma(φ + y) - digamma(φ) must be formed before it is summed
     phi_pair = phi.index_select(0, stats["pair_feature"])
-    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi).index_select(
-        0, stats["pair_feature"]
-    )
+    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
     total = (
         -log1p_term
         - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
