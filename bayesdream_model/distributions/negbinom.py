@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import fields, replace
 from itertools import pairwise
 
 import numpy as np
@@ -28,7 +30,7 @@ from bayesdream_model.distributions.nonzero_log1p import (
     sorted_by_code,
 )
 from bayesdream_model.plates import Plates
-from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.sparse import SparseCounts, block_width
 from bayesdream_model.stats import constant, group_means, robust_sd
 
 EFFECT_SITE = "log2_alpha_y"
@@ -220,6 +222,35 @@ def _eps_series(m: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor
     return series.sum()
 
 
+def _by_feature_block(method):
+    """Run `method(self, data)` on a sparse fit matrix one dense block of features at a
+    time (at most ~64 MB), joining the results along the feature axis. Every filter,
+    prior input and initial value of negbinom is per feature, so this is the dense
+    computation, bit for bit, with the dense matrix never whole in memory."""
+
+    @functools.wraps(method)
+    def blockwise(self, data: FitArrays):
+        if not isinstance(data.y, SparseCounts) or data.n_features == 0:
+            y = data.y.dense() if isinstance(data.y, SparseCounts) else data.y
+            return method(self, replace(data, y=y))
+        blocks = data.y.dense_blocks(block_width(data.n_cells))
+        return _joined([method(self, replace(data, y=block)) for _, block in blocks])
+
+    return blockwise
+
+
+def _joined(parts: list):
+    """Per-feature results of consecutive feature blocks joined (0-d entries: the first)."""
+    if isinstance(parts[0], FilterFlags):
+        return FilterFlags(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(FilterFlags))
+        )
+    return {
+        key: value if value.ndim == 0 else torch.cat([p[key] for p in parts], dim=-1)
+        for key, value in parts[0].items()
+    }
+
+
 class NegBinom(Family):
     """`y ~ NB(phi, logits = log(mu_ntc * 2**log2_alpha[g] * sf) - log(phi))`."""
 
@@ -252,6 +283,7 @@ class NegBinom(Family):
         self.effect_scale = effect_scale
 
     # -- filters, priors, initial values (numpy, fit cells) ------------------------
+    @_by_feature_block
     def flags(self, data: FitArrays) -> FilterFlags:
         """Zero total, or zero standard deviation of the raw counts across fit cells."""
         y = data.y
@@ -261,6 +293,7 @@ class NegBinom(Family):
             ntc_single_category=np.zeros(y.shape[1], dtype=bool),
         )
 
+    @_by_feature_block
     def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Gamma prior on mu_ntc with mean = baseline mean, sd = robust SE floored at 10 %."""
         y_norm = data.y / data.sum_factor[:, None]
@@ -275,6 +308,7 @@ class NegBinom(Family):
             "beta_o_beta": torch.tensor(self.beta_o_beta),
         }
 
+    @_by_feature_block
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts."""
         if data.n_groups < 2:
