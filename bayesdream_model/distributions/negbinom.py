@@ -268,6 +268,7 @@ class NegBinom(Family):
     )
     latent_sites = (EFFECT_SITE, "beta_o", "o_y", "mu_ntc")
     effect_site = EFFECT_SITE
+    sparse_fit = True  # the likelihood reads the non-zeros, totals and size factors only
 
     def __init__(
         self,
