@@ -107,14 +107,22 @@ def evaluate(x: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Ten
     count, log_sf = moments[:, 0], moments[:, 1]
     power = moments[:, 2 : 2 + POWERS]
     inverse = moments[:, 2 + POWERS :]
-    middle = _interpolated(x.clamp(x_low, x_high), stats["sf_coef"], start, step)
-    low = _power_series(x.clamp(max=x_low), power)
-    high = _asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
+    value, slope = _interpolated(x.clamp(x_low, x_high), stats["sf_coef"], start, step)
     below, above = x <= x_low, x >= x_high
-    return tuple(
-        torch.where(below, lo, torch.where(above, hi, mid))
-        for lo, mid, hi in zip(low, middle, high, strict=True)
-    )
+    # a series only where some x needs it (asked on a CPU only: on a GPU the question is a
+    # device-to-host sync, and evaluating both series costs less than it)
+    on_gpu = x.device.type != "cpu"
+    if on_gpu or bool(below.any()):
+        low = _power_series(x.clamp(max=x_low), power)
+        value, slope = (
+            torch.where(below, lo, mid) for lo, mid in zip(low, (value, slope), strict=True)
+        )
+    if on_gpu or bool(above.any()):
+        high = _asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
+        value, slope = (
+            torch.where(above, hi, mid) for hi, mid in zip(high, (value, slope), strict=True)
+        )
+    return value, slope
 
 
 def _interpolated(x, coef, start, step):

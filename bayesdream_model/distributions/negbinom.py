@@ -55,7 +55,10 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     arrays |= run_layout(arrays["codes"], block) | log1p_table(sf[order], bounds)
     arrays["sf_floor"] = _floors(sf[order], bounds)
     exact = {"values": torch.float32, "entry_sf": torch.float32, "block_size": torch.int64}
-    exact |= {k: torch.int64 for k in ("pair_feature", "run_ends", "run_codes", "block_runs")}
+    exact |= {
+        k: torch.int64
+        for k in ("pair_feature", "small_index", "run_ends", "run_codes", "block_runs")
+    }
     exact["codes"] = torch.int32 if arrays["codes"].dtype == np.int32 else torch.int64
     out = {
         key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
@@ -102,9 +105,30 @@ def _entry_arrays(
     out["pair_count"] = np.concatenate([np.zeros(0), *counts])
     lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
     out["constant"] = np.float64(constant - out["pair_count"] @ lgamma_y1)
+    out |= _small_pairs(out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"))
     out["group_totals"] = out["group_totals"].T  # [C, T]
     out["eps_weights"] = out["eps_weights"].transpose(0, 2, 1)  # [K, C, T]
     return out
+
+
+def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray) -> dict:
+    """The histogram split: integer values 1..SMALL_VALUES, whose lgamma(φ + v) - lgamma(φ)
+    = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature
+    (`small_index` = t * V + v - 1, V the largest such value present, `small_count`),
+    and the rest (`pair_feature`, `pair_value`, `pair_count`), through lgamma."""
+    small = (value == np.round(value)) & (value >= 1) & (value <= SMALL_VALUES)
+    width = int(value[small].max(initial=0))
+    return {
+        "small_index": (feature[small] * width + value[small] - 1).astype(np.int64),
+        "small_count": count[small],
+        "small_width": np.zeros(width),  # only its length is read
+        "pair_feature": feature[~small],
+        "pair_value": value[~small],
+        "pair_count": count[~small],
+    }
+
+
+SMALL_VALUES = 16
 
 
 def _floors(sf_sorted: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -200,12 +224,15 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
     # difference digamma(φ + y) - digamma(φ) must be formed before it is summed
     phi_pair = phi.index_select(0, stats["pair_feature"])
     lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
+    steps = torch.arange(stats["small_width"].shape[0], dtype=phi.dtype, device=phi.device)
+    rising = torch.cumsum(torch.log(phi[:, None] + steps), dim=1)  # Σ_{i<v} log(φ + i)
     total = (
         -log1p_term
         - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
         + (totals * log_m).sum()
         + _eps_series(m, stats)
         + (stats["pair_count"] * lgammas).sum()
+        + (stats["small_count"] * rising.reshape(-1).index_select(0, stats["small_index"])).sum()
         + stats["constant"]
     )
     return total.to(dtype)
