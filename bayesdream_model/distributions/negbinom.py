@@ -25,8 +25,9 @@ from bayesdream_model.distributions.log1p_table import GroupLog1p, log1p_table
 from bayesdream_model.distributions.nonzero_log1p import (
     NonzeroLog1p,
     block_entries,
+    chunk_width,
     code_dtype,
-    run_layout,
+    padded,
     sorted_by_code,
 )
 from bayesdream_model.plates import Plates
@@ -51,20 +52,19 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     order = np.argsort(groups, kind="stable")
     bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
     arrays = _entry_arrays(y, groups, sf, data.n_groups)
-    block = block_entries(device)
-    arrays |= run_layout(arrays["codes"], block) | log1p_table(sf[order], bounds)
+    width = chunk_width(arrays["codes"])
+    arrays |= padded(arrays, width) | log1p_table(sf[order], bounds)
     arrays["sf_floor"] = _floors(sf[order], bounds)
-    exact = {"values": torch.float32, "entry_sf": torch.float32, "block_size": torch.int64}
-    exact |= {
-        k: torch.int64
-        for k in ("pair_feature", "small_index", "run_ends", "run_codes", "block_runs")
-    }
+    exact = {"values": torch.float32, "entry_sf": torch.float32}
+    exact |= {k: torch.int64 for k in ("pair_feature", "small_index", "chunk_codes")}
     exact["codes"] = torch.int32 if arrays["codes"].dtype == np.int32 else torch.int64
     out = {
         key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
         for key, value in arrays.items()
     }
-    out["block_size"] = torch.tensor(block)
+    # on the CPU (read as Python ints); a block is a whole number of chunks
+    out["block_size"] = torch.tensor(-(-block_entries(device) // width) * width)
+    out["chunk_width"] = torch.tensor(width)
     return out
 
 

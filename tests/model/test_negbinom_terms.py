@@ -81,7 +81,7 @@ def _counts(rng: np.random.Generator, n_cells: int, n_features: int, density: fl
     return y.astype(np.float32)
 
 
-@pytest.mark.parametrize("block", [7, 1 << 17])
+@pytest.mark.parametrize("block", [7, 1 << 17])  # 7: rounded up to one chunk
 def test_nonzero_pass_equals_the_direct_sum(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
     """Σ y log1p(sf x) and its gradient, whatever the blocks (runs cut by a block boundary
     are summed in both), for x small, near 1 and large."""
