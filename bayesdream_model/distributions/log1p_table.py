@@ -128,7 +128,8 @@ def evaluate(x: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Ten
 def _interpolated(x, coef, start, step):
     """G(log x) and the x-derivative G'(log x) / x, from the table."""
     s = torch.log(x)
-    k = ((s - start) / step).floor().clamp(0, coef.shape[1] - 1)
+    # a NaN x (diverging parameters) stays NaN through r, but must not become an index
+    k = ((s - start) / step).floor().nan_to_num(0.0).clamp(0, coef.shape[1] - 1)
     r = s - (start + k * step)
     index = k.long().unsqueeze(-1).expand(*k.shape, coef.shape[-1])
     c = coef.gather(1, index).unbind(-1)  # six [C, T]
