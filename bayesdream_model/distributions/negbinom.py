@@ -44,7 +44,8 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     From the non-zero entries (dense input is made sparse first): the entries sorted by
     (feature, group) with their size factors and codes, for the one per-entry pass
     (`nonzero_log1p`); the per-group totals of y and of y / sf^k (the y log(mu + ε)
-    terms, the latter as the coefficients of their series); the (feature, value) histogram (the lgamma terms); and the constant.
+    terms, the latter as the coefficients of their series); the (feature, value)
+    histogram (the lgamma terms); and the constant.
     """
     y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
     groups = np.asarray(data.groups, dtype=np.int64)
@@ -363,7 +364,7 @@ class NegBinom(Family):
         return {EFFECT_SITE: log2_alpha, "o_y": o_y, "mu_ntc": mu_ntc}
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
-        """Cells sorted by group, the non-zero entries, and per-feature value histograms."""
+        """The per-group size-factor tables, the non-zero entries, totals and histograms."""
         return FitTensors(
             y=torch.empty(0),
             groups=torch.as_tensor(data.groups, dtype=torch.int64, device=device),
