@@ -148,6 +148,8 @@ class Family(ABC):
     point_sites: tuple[str, ...] = ()
     #: the likelihood reads only per-group sums that `merge_stats` can combine exactly
     mergeable: bool = False
+    #: the fit matrix may be held as its non-zeros (`bayesdream_model.sparse.SparseCounts`)
+    sparse_fit: bool = False
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """`FitTensors.stats` of two disjoint sets of cells, combined (mergeable families)."""
