@@ -7,12 +7,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from bayesdream_model.sparse import SparseCounts
+
 
 @dataclass(frozen=True)
 class FitArrays:
     """Fit cells x features; rows are cells, group codes are 0..C-1 (0 = baseline)."""
 
-    y: np.ndarray  # [N, T] (multinomial [N, T, K]); NaN = missing (normal/studentt)
+    #: [N, T] (multinomial [N, T, K]); NaN = missing (normal/studentt); negbinom may hold
+    #: it as its non-zeros (`SparseCounts`, the same [N, T] shape)
+    y: np.ndarray | SparseCounts
     groups: np.ndarray  # [N] int
     n_groups: int  # C
     sum_factor: np.ndarray | None = None  # [N]
@@ -31,7 +35,24 @@ class FitArrays:
     def select_features(self, keep: np.ndarray) -> FitArrays:
         """The same cells restricted to the features in `keep` (bool [T] or indices)."""
         den = None if self.denominator is None else self.denominator[:, keep]
+        if isinstance(self.y, SparseCounts):
+            return replace(self, y=self.y.select_features(keep), denominator=den)
         return replace(self, y=self.y[:, keep], denominator=den)
+
+    def select_cells(self, rows) -> FitArrays:
+        """The same features for the cells `rows` (a slice, bool mask [N] or indices)."""
+
+        def take(x):
+            return None if x is None else x[rows]
+
+        y = self.y.select_rows(rows) if isinstance(self.y, SparseCounts) else self.y[rows]
+        return replace(
+            self,
+            y=y,
+            groups=self.groups[rows],
+            sum_factor=take(self.sum_factor),
+            denominator=take(self.denominator),
+        )
 
 
 @dataclass(frozen=True)

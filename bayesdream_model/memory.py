@@ -1,4 +1,5 @@
-"""Memory planning for posterior sampling (docs/model.md, section 9): arithmetic only.
+"""Memory planning for posterior sampling (docs/model.md, section 9) and for the fit's
+data (in memory, dense or sparse, or streamed): arithmetic only.
 
 The tasks layer reads the environment (SLURM variables, psutil, CUDA) and passes numbers.
 """
@@ -128,6 +129,17 @@ def plan_sampling(
 FIT_BYTES_PER_ENTRY = 3 * BYTES_PER_FLOAT
 #: a streamed fit holds the current batch, two read ahead, and a read buffer
 STREAM_BUFFERS = 4
+#: bytes per non-zero entry of a fit matrix held sparse (negbinom): the int32 row and
+#: float32 value kept as the fit matrix, the likelihood's sorted float32 count, float32
+#: size factor and int32 code, and ~4 more of temporaries while those are built (in runs
+#: of columns) or of the run layout
+SPARSE_BYTES_PER_NONZERO = 6 * BYTES_PER_FLOAT
+#: per fit cell of a sparse fit matrix: its size factor and group code, and per cell
+#: and feature of one block of SPARSE_BLOCK_FEATURES: the dense blocks the store is read
+#: in and the priors are computed on (the block and its temporaries)
+SPARSE_BYTES_PER_CELL = 4 * BYTES_PER_FLOAT
+SPARSE_BLOCK_FEATURES = 512
+SPARSE_BYTES_PER_BLOCK_ENTRY = 4 * BYTES_PER_FLOAT
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,19 @@ class FitPlan:
     batch_cells: int
     dense_bytes: int
     reason: str
+    sparse: bool = False  # held in memory as its non-zeros
+
+
+def sparse_bytes(nonzero: int, n_cells: int, n_features: int) -> int:
+    """Bytes of a fit held in memory as its non-zeros (see SPARSE_BYTES_PER_NONZERO)."""
+    block = n_cells * min(n_features, SPARSE_BLOCK_FEATURES) * SPARSE_BYTES_PER_BLOCK_ENTRY
+    return nonzero * SPARSE_BYTES_PER_NONZERO + n_cells * SPARSE_BYTES_PER_CELL + block
+
+
+def max_sparse_nonzero(budget: MemoryBudget, n_cells: int, n_features: int) -> int:
+    """The most non-zeros whose sparse form fits `budget` (0 when not even the cells do)."""
+    spare = budget.safe_bytes - sparse_bytes(0, n_cells, n_features)
+    return max(0, int(spare // SPARSE_BYTES_PER_NONZERO))
 
 
 def plan_fit(
@@ -147,16 +172,23 @@ def plan_fit(
     budget: MemoryBudget,
     mode: str = "auto",
     batch_cells: int | None = None,
+    nonzero: int | None = None,
 ) -> FitPlan:
     """Stream cells when the fit matrix does not fit the device's budget (`mode` auto), or
     always / never; `batch_cells` (when streaming) overrides the planned batch size.
-    `entries_per_cell`: T (x K; x 2 with a denominator)."""
+    `entries_per_cell`: T (x K; x 2 with a denominator). `nonzero`: the fit matrix's
+    non-zero entries, for a family that holds it sparse (negbinom): then what must fit is
+    the sparse form (~24 B a non-zero instead of 12 B an entry); streamed batches are
+    still read dense."""
     per_cell = entries_per_cell * FIT_BYTES_PER_ENTRY
     dense = n_cells * per_cell
-    fits = dense <= budget.safe_bytes
+    held = dense if nonzero is None else sparse_bytes(nonzero, n_cells, entries_per_cell)
+    fits = held <= budget.safe_bytes
     where = f"{budget.safe_bytes / 1e9:.2f} GB ({budget.source})"
     if mode == "never" or (mode == "auto" and fits):
-        return FitPlan(False, n_cells, dense, f"{dense / 1e9:.2f} GB fit in memory; {where}")
+        form = "" if nonzero is None else f" as {nonzero:,} non-zeros"
+        reason = f"{held / 1e9:.2f} GB fit in memory{form}; {where}"
+        return FitPlan(False, n_cells, dense, reason, sparse=nonzero is not None)
     if batch_cells is not None:
         batch, why = batch_cells, "cells per batch given by the user"
     else:
@@ -164,6 +196,6 @@ def plan_fit(
         why = f"{STREAM_BUFFERS} batches of {batch} cells fit in {where}"
     batch = max(1, min(batch, n_cells))
     needed = (
-        "streaming asked for" if mode == "always" or fits else f"{dense / 1e9:.2f} GB do not fit"
+        "streaming asked for" if mode == "always" or fits else f"{held / 1e9:.2f} GB do not fit"
     )
     return FitPlan(True, batch, dense, f"{needed}: {why}")

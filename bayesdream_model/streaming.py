@@ -60,7 +60,7 @@ class InMemoryCells:
 
     def read_batch(self, index: int) -> FitArrays:
         """Contiguous rows."""
-        return select_cells(self.data, slice(self.bounds[index], self.bounds[index + 1]))
+        return self.data.select_cells(slice(self.bounds[index], self.bounds[index + 1]))
 
     def feature_blocks(self) -> Iterator[FitArrays]:
         """Contiguous columns."""
@@ -72,21 +72,6 @@ def even_bounds(n: int, batch: int) -> np.ndarray:
     """Boundaries of ceil(n / batch) nearly equal parts of range(n)."""
     parts = max(1, -(-n // max(1, batch)))
     return np.linspace(0, n, parts + 1).round().astype(np.int64)
-
-
-def select_cells(data: FitArrays, rows) -> FitArrays:
-    """The same features for a subset of cells."""
-
-    def take(x):
-        return None if x is None else x[rows]
-
-    return FitArrays(
-        y=data.y[rows],
-        groups=data.groups[rows],
-        n_groups=data.n_groups,
-        sum_factor=take(data.sum_factor),
-        denominator=take(data.denominator),
-    )
 
 
 def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:

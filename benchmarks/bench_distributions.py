@@ -64,6 +64,7 @@ from machine import (  # noqa: E402  (benchmarks/ on the path first)
     cpu_model,
     load_average,
 )
+from peer_deseq2 import worker_deseq2  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Machine, load, memory and stage-timing helpers
@@ -184,6 +185,8 @@ def _run_worker(
         {
             "PREFECT_HOME": str(prefect_home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # a busy machine starts the temporary API slowly (the CLI allows the same)
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -271,6 +274,11 @@ def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
             except Exception as err:  # noqa: BLE001 - report it, keep benchmarking
                 print(f"  [{name}] recovery FAILED: {err!r}", flush=True)
                 row["recovery"] = {"error": repr(err)}
+    if name == "negbinom" and not args.skip_peer:
+        row["peer_deseq2"] = run_worker(args, folder, name, "deseq2", [], "deseq2")
+        ours = row.get("flow", {}).get("fit_seconds")
+        peer = row["peer_deseq2"].get("seconds")
+        row["peer_speedup"] = round(peer / ours, 2) if ours and peer else None
     row["load_average_after"] = load_average()
     row["git_after"] = git_state()
     row["targets_missed"] = check_targets(name, row)
@@ -322,6 +330,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-steps", action="store_true", help="skip (a), the step timings")
     p.add_argument("--skip-flow", action="store_true", help="skip (b), the default flow run")
+    p.add_argument(
+        "--skip-peer",
+        action="store_true",
+        help="skip PyDESeq2 on the negbinom cells (needs the bench extra: pip install -e '.[bench]')",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output ({DEFAULT_OUT})")
     p.add_argument(
         "--workdir",
@@ -330,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep inputs, stores and worker logs here (default: a temp dir, removed)",
     )
     # worker mode (internal)
-    p.add_argument("--worker", choices=["steps", "flow"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["steps", "flow", "deseq2"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dist", choices=DISTRIBUTIONS, help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["ours", "dense"], help=argparse.SUPPRESS)
@@ -350,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parent: for each distribution, inputs -> workers -> recovery; table and JSON."""
     args = parse_args(argv)
     if args.worker:
-        result = {"steps": worker_steps, "flow": worker_flow}[args.worker](args)
+        workers = {"steps": worker_steps, "flow": worker_flow, "deseq2": worker_deseq2}
+        result = workers[args.worker](args)
         args.worker_out.write_text(json.dumps(result, indent=2, default=str))
         return 0
     started = time.perf_counter()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from calibration import interval_recovery
 from machine import cpu_model, load_average, mb, ru_maxrss_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -49,8 +50,6 @@ def run_one(features: int, cells: int, seed: int, prior: str) -> dict:
         [r["alpha_y_add"][:, 1:] for _, _, r in posterior_batches(fitted, plan, seed=seed)]
     )
     truth = screen.effects[1:, keep]
-    low, high = np.quantile(draws, [0.05, 0.95], axis=0)
-    mean = draws.mean(axis=0)
     svi = fitted.svi
     return {
         "features": int(keep.sum()),
@@ -61,11 +60,7 @@ def run_one(features: int, cells: int, seed: int, prior: str) -> dict:
         "stop_reason": svi.stop_reason,
         "ms_per_step": round(1000 * svi.seconds / max(svi.niters_run, 1), 2),
         "peak_rss_mb": mb(ru_maxrss_bytes()),
-        "correlation": round(float(np.corrcoef(mean.ravel(), truth.ravel())[0, 1]), 5),
-        "rmse": round(float(np.sqrt(((mean - truth) ** 2).mean())), 5),
-        "coverage90": round(float(((truth >= low) & (truth <= high)).mean()), 4),
-        "n_effects": int(truth.size),
-    }
+    } | interval_recovery(draws, truth)
 
 
 def main() -> None:

@@ -120,6 +120,7 @@ def print_report(report: dict[str, Any]) -> None:
         "complete store;\n   fit/samp s = store fit_seconds/sampling_seconds; RSS = peak of "
         "the flow subprocess; corr/RMSE/cov90 = posterior alpha_y_add[:, 1:] vs truth)"
     )
+    print_peer(report)
     print("\n== details " + "=" * 70)
     for row in report["rows"]:
         name, flow = row["distribution"], row.get("flow") or {}
@@ -157,3 +158,34 @@ def print_report(report: dict[str, Any]) -> None:
             f"{'; '.join(row['targets_missed']) or 'none'}"
         )
     print(f"\n  total benchmark wall: {report['total_seconds']:.0f} s")
+
+
+def print_peer(report: dict[str, Any]) -> None:
+    """PyDESeq2 on the negbinom cells, beside our default run."""
+    for row in report["rows"]:
+        peer = row.get("peer_deseq2")
+        if not peer:
+            continue
+        flow, ours = row.get("flow") or {}, row.get("recovery") or {}
+        if peer.get("status") != "ok":
+            print(f"\n== peer: PyDESeq2 {peer.get('status')}")
+            continue
+        theirs = peer["recovery"]
+        print("\n== peer: PyDESeq2 (~cell_line, the same size factors, one core) " + "=" * 16)
+        print(f"  {'':<10} {'fit s':>8} {'RSS MB':>8} {'corr':>8} {'RMSE':>7} {'cov90':>6}")
+        rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0)
+        print(
+            f"  {'ours':<10} {fmt(flow.get('fit_seconds')):>8} {fmt(rss, '.0f'):>8} "
+            f"{fmt(ours.get('corr'), '.5f'):>8} {fmt(ours.get('rmse'), '.3f'):>7} "
+            f"{fmt(ours.get('coverage90'), '.3f'):>6}"
+        )
+        print(
+            f"  {'PyDESeq2':<10} {fmt(peer.get('seconds')):>8} {fmt(peer.get('peak_rss_mb'), '.0f'):>8} "
+            f"{fmt(theirs.get('corr'), '.5f'):>8} {fmt(theirs.get('rmse'), '.3f'):>7} "
+            f"{fmt(theirs.get('coverage90'), '.3f'):>6}"
+        )
+        rmse_ratio = (ours.get("rmse") or 0) / theirs["rmse"] if theirs.get("rmse") else None
+        print(
+            f"  PyDESeq2 fit s / ours: {fmt(row.get('peer_speedup'), '.2f')}x; our RMSE / "
+            f"theirs: {fmt(rmse_ratio, '.2f')} (target: >= 2x faster, RMSE <= 0.5)"
+        )

@@ -19,7 +19,7 @@ from tasks.checkpoint import decode_state, encode_state
 from tasks.config import FitConfig
 from tasks.errors import StoreError
 from tasks.groups import GroupAssignment, read_groups
-from tasks.prepare import fit_cell_index, read_fit_arrays, read_flags
+from tasks.prepare import fit_cell_index, held_sparse, read_fit_arrays, read_flags
 from tasks.resources import resolve_device, sampling_budget, set_torch_threads, total_vram
 from tasks.store import (
     COMPLETE,
@@ -84,13 +84,23 @@ def fit_modality(
     device = resolve_device(fit.device)
     threads = set_torch_threads(fit.threads)
     plan = _fit_plan(root, name, groups, features, fit, device)
+    plan, data = held_sparse(  # negbinom: its non-zeros, when they fit
+        root,
+        name,
+        groups,
+        features,
+        plan=plan,
+        budget=sampling_budget(device),
+        mode=fit.stream_cells,
+    )
     log.info("Modality '%s': %s", name, plan.reason)
     if plan.stream:
         data = StoreCells(root, name, groups, features, batch_cells=plan.batch_cells)
         how = f"streamed in {data.n_batches} batches of <= {plan.batch_cells} cells"
     else:
-        data = read_fit_arrays(root, name, groups, features=features)
-        how = "in memory"
+        if data is None:
+            data = read_fit_arrays(root, name, groups, features=features)
+        how = "in memory, sparse" if plan.sparse else "in memory"
     log.info(
         "Modality '%s': fitting %s on %d cells x %d features (%s), %d groups, device %s "
         "(%d threads)",
@@ -126,7 +136,11 @@ def fit_modality(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )
     on_progress.progress.finish()  # a fit that converged early is finished too
-    group.attrs.update(cells_streamed=plan.stream, cell_batches=getattr(data, "n_batches", 1))
+    group.attrs.update(
+        cells_streamed=plan.stream,
+        cell_batches=getattr(data, "n_batches", 1),
+        fit_matrix_sparse=plan.sparse,
+    )
     _write_fit(group, fitted, features, device)
     return {
         "niters_run": fitted.svi.niters_run,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import zarr
@@ -10,6 +11,8 @@ import zarr
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import FilterFlags, get_family
 from bayesdream_model.errors import NoFeaturesLeftError
+from bayesdream_model.memory import FitPlan, MemoryBudget, max_sparse_nonzero, plan_fit
+from bayesdream_model.sparse import SparseCounts
 from tasks.distributed import dask_flags, on_dask_worker, store_path
 from tasks.errors import InputDataError
 from tasks.groups import GroupAssignment
@@ -79,6 +82,85 @@ def read_fit_arrays(
         sum_factor=sum_factor,
         denominator=denominator,
     )
+
+
+class _TooManyNonzeros(Exception):
+    """Raised inside the sparse read when the non-zeros pass their limit."""
+
+
+def read_sparse_fit_arrays(
+    root: zarr.Group,
+    name: str,
+    groups: GroupAssignment,
+    *,
+    features: np.ndarray | None = None,
+    max_nonzero: int | None = None,
+) -> FitArrays | None:
+    """The fit cells' counts kept as their non-zeros (`SparseCounts`), for a family that
+    reads only those (negbinom): the store is read one block of FEATURE_CHUNK features x
+    every fit cell at a time, as the filters read it, and each block is reduced to its
+    non-zeros before the next is read, so the dense matrix is never whole in memory.
+    None as soon as more than `max_nonzero` non-zeros were found: the caller streams."""
+    group = root[inputs_key(name)]
+    cells = fit_cell_index(root, name, groups)
+    counts = group["counts"]
+    features = np.arange(counts.shape[0]) if features is None else np.asarray(features)
+    limit = np.inf if max_nonzero is None else max_nonzero
+
+    def blocks():
+        found = 0
+        for start in range(0, len(features), FEATURE_CHUNK):
+            block = read_columns(counts, cells, features[start : start + FEATURE_CHUNK])
+            found += np.count_nonzero(block)
+            if found > limit:
+                raise _TooManyNonzeros
+            yield block
+
+    try:
+        y = SparseCounts.from_blocks(blocks(), n_rows=len(cells))
+    except _TooManyNonzeros:
+        return None
+    return FitArrays(
+        y=y,
+        groups=groups.code[cells],
+        n_groups=len(groups.labels),
+        sum_factor=root[CELLS]["sum_factor"][...][cells].astype(np.float32),
+    )
+
+
+def held_sparse(
+    root: zarr.Group,
+    name: str,
+    groups: GroupAssignment,
+    features: np.ndarray,
+    *,
+    plan: FitPlan,
+    budget: MemoryBudget,
+    mode: str = "auto",
+) -> tuple[FitPlan, FitArrays | None]:
+    """For a family that may hold its fit matrix sparse (negbinom): its non-zeros, read
+    within `budget`, and the plan that counts their bytes (`plan_fit(nonzero=...)`).
+    Otherwise `plan` (the dense plan of the same fit) and None: for the other families,
+    when streaming is asked for (`mode` always), or when even the sparse form does not
+    fit (`mode` auto; `never` reads it whatever its size)."""
+    family = get_family(root[inputs_key(name)].attrs["distribution"])
+    if not family.sparse_fit or mode == "always":
+        return plan, None
+    n_cells = len(fit_cell_index(root, name, groups))
+    limit = None if mode == "never" else max_sparse_nonzero(budget, n_cells, len(features))
+    data = read_sparse_fit_arrays(root, name, groups, features=features, max_nonzero=limit)
+    if data is None:
+        return replace(
+            plan, reason=f"{plan.reason}; > {limit:,} non-zeros: not sparse either"
+        ), None
+    sparse = plan_fit(
+        n_cells=n_cells,
+        entries_per_cell=len(features),
+        budget=budget,
+        mode=mode,
+        nonzero=data.y.nnz,
+    )
+    return sparse, data
 
 
 def filter_features(

@@ -153,6 +153,8 @@ class Family(ABC):
     second_derivatives: Literal["autograd", "finite_differences"] = "finite_differences"
     #: the likelihood reads only per-group sums that `merge_stats` can combine exactly
     mergeable: bool = False
+    #: the fit matrix may be held as its non-zeros (`bayesdream_model.sparse.SparseCounts`)
+    sparse_fit: bool = False
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """`FitTensors.stats` of two disjoint sets of cells, combined (mergeable families)."""

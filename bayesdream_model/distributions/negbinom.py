@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import fields, replace
+from itertools import pairwise
 
 import numpy as np
 import pyro
@@ -18,44 +21,139 @@ from bayesdream_model.distributions.base import (
     OutputSpec,
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
+from bayesdream_model.distributions.log1p_table import GroupLog1p, log1p_table
+from bayesdream_model.distributions.nonzero_log1p import (
+    NonzeroLog1p,
+    block_entries,
+    chunk_width,
+    code_dtype,
+    padded,
+    sorted_by_code,
+)
 from bayesdream_model.plates import Plates
+from bayesdream_model.sparse import SparseCounts, block_width
 from bayesdream_model.stats import constant, group_means, robust_sd
 
 EFFECT_SITE = "log2_alpha_y"
 
 
 def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """What `nb_log_likelihood` reads, computed once before SVI.
+    """What `nb_log_likelihood` reads, computed once before SVI (see there for the terms).
 
-    Cells are sorted by group, so each group's block of means is an outer product
-    sf[n] * m[g, t] (no gather); the y log(mu) terms need only per-group totals; the lgamma
-    terms only each feature's histogram of non-zero values.
+    From the size factors, per group: the tabulated Σ_n log1p(sf_n x) (`log1p_table`).
+    From the non-zero entries (dense input is made sparse first): the entries sorted by
+    (feature, group) with their size factors and codes, for the one per-entry pass
+    (`nonzero_log1p`); the per-group totals of y and of y / sf^k (the y log(mu + ε)
+    terms, the latter as the coefficients of their series); the (feature, value)
+    histogram (the lgamma terms); and the constant.
     """
-    order = np.argsort(data.groups, kind="stable")
-    y = np.ascontiguousarray(data.y[order], dtype=np.float32)
-    groups, sf = data.groups[order], data.sum_factor[order].astype(np.float64)
-    bounds = np.searchsorted(groups, np.arange(data.n_groups + 1))
-    spans = list(zip(bounds[:-1], bounds[1:], strict=True))  # each group's rows, sorted
-    rows, cols = np.nonzero(y)
-    pairs, counts = _value_histogram(cols, y[rows, cols].astype(np.float64), y.shape[1])
-    # parameter-free: -Σ lgamma(y + 1) (over the histogram) + Σ_n log sf_n Σ_t y_nt (the
-    # part of y log mu that sf carries)
-    lgamma_y1 = torch.lgamma(torch.as_tensor(pairs[1]) + 1).numpy()
-    constant = -float(counts @ lgamma_y1) + float(y.sum(axis=1, dtype=np.float64) @ np.log(sf))
-
-    def t(x, dtype=torch.float32):
-        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
-
-    return {
-        "y": t(y),
-        "sum_factor": t(sf),
-        "bounds": t(bounds, torch.int64),
-        "group_totals": t(np.stack([y[lo:hi].sum(0, dtype=np.float64) for lo, hi in spans])),
-        "pair_feature": t(pairs[0], torch.int64),
-        "pair_value": t(pairs[1]),
-        "pair_count": t(counts),
-        "constant": t(constant),
+    y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
+    groups = np.asarray(data.groups, dtype=np.int64)
+    sf = np.asarray(data.sum_factor, dtype=np.float64)
+    order = np.argsort(groups, kind="stable")
+    bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
+    arrays = _entry_arrays(y, groups, sf, data.n_groups)
+    width = chunk_width(arrays["codes"])
+    arrays |= padded(arrays, width) | log1p_table(sf[order], bounds)
+    arrays["sf_floor"] = _floors(sf[order], bounds)
+    exact = {"values": torch.float32, "entry_sf": torch.float32}
+    exact |= {k: torch.int64 for k in ("pair_feature", "small_index", "chunk_codes")}
+    exact["codes"] = torch.int32 if arrays["codes"].dtype == np.int32 else torch.int64
+    out = {
+        key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
+        for key, value in arrays.items()
     }
+    # on the CPU (read as Python ints); a block is a whole number of chunks
+    out["block_size"] = torch.tensor(-(-block_entries(device) // width) * width)
+    out["chunk_width"] = torch.tensor(width)
+    return out
+
+
+def _entry_arrays(
+    y: SparseCounts, groups: np.ndarray, sf: np.ndarray, n_groups: int
+) -> dict[str, np.ndarray]:
+    """The sorted entries and every per-entry sum, one run of columns at a time (the
+    temporaries stay small next to the entries themselves)."""
+    n_features = y.shape[1]
+    out = {
+        "values": np.empty(y.nnz, dtype=np.float32),
+        "entry_sf": np.empty(y.nnz, dtype=np.float32),
+        "codes": np.empty(y.nnz, dtype=code_dtype(n_features, n_groups)),
+        "group_totals": np.zeros((n_features, n_groups)),
+        "eps_weights": np.zeros((EPS_TERMS, n_features, n_groups)),
+    }
+    pairs, counts, constant = [], [], 0.0
+    for lo, hi in _column_runs(y.indptr, ENTRY_CHUNK):
+        span = slice(y.indptr[lo], y.indptr[hi])
+        local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
+        order = sorted_by_code(local, groups[y.rows[span]], n_groups)
+        rows, local = y.rows[span][order], local[order]
+        values = y.values[span][order].astype(np.float64)
+        key = local * n_groups + groups[rows]
+        out["values"][span], out["entry_sf"][span] = values, sf[rows]
+        out["codes"][span] = key + lo * n_groups
+        width = (hi - lo) * n_groups
+        out["group_totals"][lo:hi] = np.bincount(key, values, width).reshape(hi - lo, -1)
+        for k in range(1, EPS_TERMS + 1):  # (-1)^(k+1) / k Σ y / sf^k per (g, t)
+            weights = values * ((-1.0) ** (k + 1) / k) / sf[rows] ** k
+            out["eps_weights"][k - 1, lo:hi] = np.bincount(key, weights, width).reshape(hi - lo, -1)
+        run_pairs, run_counts = _value_histogram(local, values, hi - lo)
+        run_pairs[0] += lo
+        pairs.append(run_pairs)
+        counts.append(run_counts)
+        constant += float(values @ np.log(sf[rows]))  # Σ_n log sf_n Σ_t y_nt of y log mu
+    out["pair_feature"], out["pair_value"] = np.concatenate([np.zeros((2, 0)), *pairs], axis=1)
+    out["pair_count"] = np.concatenate([np.zeros(0), *counts])
+    lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
+    out["constant"] = np.float64(constant - out["pair_count"] @ lgamma_y1)
+    out |= _small_pairs(out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"))
+    out["group_totals"] = out["group_totals"].T  # [C, T]
+    out["eps_weights"] = out["eps_weights"].transpose(0, 2, 1)  # [K, C, T]
+    return out
+
+
+def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray) -> dict:
+    """The histogram split: integer values 1..SMALL_VALUES, whose lgamma(φ + v) - lgamma(φ)
+    = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature
+    (`small_index` = t * V + v - 1, V the largest such value present, `small_count`),
+    and the rest (`pair_feature`, `pair_value`, `pair_count`), through lgamma."""
+    small = (value == np.round(value)) & (value >= 1) & (value <= SMALL_VALUES)
+    width = int(value[small].max(initial=0))
+    return {
+        "small_index": (feature[small] * width + value[small] - 1).astype(np.int64),
+        "small_count": count[small],
+        "small_width": np.zeros(width),  # only its length is read
+        "pair_feature": feature[~small],
+        "pair_value": value[~small],
+        "pair_count": count[~small],
+    }
+
+
+SMALL_VALUES = 16
+
+
+def _floors(sf_sorted: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Per group, the mean m below which ε / (sf m) may exceed EPS_SERIES_MAX [C]."""
+    smallest = [sf_sorted[lo:hi].min() if hi > lo else 1.0 for lo, hi in pairwise(bounds)]
+    return LOG_EPS / (EPS_SERIES_MAX * np.asarray(smallest))
+
+
+ENTRY_CHUNK = 1 << 22  # entries per column run while building the statistics
+EPS_TERMS = 6  # terms of the series of Σ y log1p(ε / μ)
+EPS_SERIES_MAX = 0.1  # ... used while ε / μ <= 0.1 (truncation < 2e-8 of the correction)
+
+
+def _column_runs(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
+    """Consecutive column ranges [lo, hi) of at most `max_entries` entries each (a column
+    with more is a range of its own); an empty matrix is one empty range."""
+    n_columns = len(indptr) - 1
+    runs, lo = [], 0
+    while lo < n_columns:
+        hi = int(np.searchsorted(indptr, indptr[lo] + max_entries, side="right")) - 1
+        hi = min(max(hi, lo + 1), n_columns)
+        runs.append((lo, hi))
+        lo = hi
+    return runs
 
 
 def _value_histogram(
@@ -87,78 +185,98 @@ def _value_histogram(
 HISTOGRAM_BINS = 1 << 23  # 64 MB of int64 counts at most
 
 
-class _Log1pTerm(torch.autograd.Function):
-    """Σ_{n,t} (φ_t + y_nt) · log1p(sf_n · m̃_gt + ẽ_t), with its gradient in the same pass.
-
-    One pass over the cells, block by block, keeping no [N, T] tensor for backward:
-    with u = sf·m̃ + ẽ and w = φ + y, d/dm̃_gt = Σ_n w·sf/(1+u), d/dẽ_t = Σ_n w/(1+u),
-    and d/dφ_t (through w) = Σ_n log1p(u).
-    """
-
-    @staticmethod
-    def forward(ctx, m_tilde, e_tilde, phi, y, sum_factor, bounds):  # noqa: D102
-        total = torch.zeros((), dtype=torch.float64, device=m_tilde.device)
-        grad_m = torch.zeros_like(m_tilde)
-        grad_e, grad_phi = torch.zeros_like(e_tilde), torch.zeros_like(phi)
-        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            for start in range(lo, hi, BLOCK_CELLS):
-                stop = min(start + BLOCK_CELLS, hi)
-                sf = sum_factor[start:stop]
-                u = torch.addcmul(e_tilde, sf[:, None], m_tilde[g])
-                log1p_u = torch.log1p(u)
-                w = y[start:stop] + phi
-                total += torch.dot(w.reshape(-1), log1p_u.reshape(-1)).double()
-                ratio = w.div_(u.add_(1.0))
-                grad_m[g] += sf @ ratio
-                grad_e += ratio.sum(0)
-                grad_phi += log1p_u.sum(0)
-        ctx.save_for_backward(grad_m, grad_e, grad_phi)
-        return total.to(m_tilde.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        grad_m, grad_e, grad_phi = ctx.saved_tensors
-        return grad * grad_m, grad * grad_e, grad * grad_phi, None, None, None
-
-
-BLOCK_CELLS = 256  # cells per block: ~3 MB at T = 3000, stays in cache
-
-
 def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ_{n,t} log NB(y; φ, logits = log(μ + ε) - log(φ + ε)), μ = m[g,t]·sf[n], m = mu·alpha.
 
     log NB = φ log(φ+ε) + y log(μ+ε) - (φ+y) log(μ+φ+2ε) + lgamma(φ+y) - lgamma(φ) - lgamma(y+1)
            = -(φ+y) log1p((μ+ε)/(φ+ε)) - y log(φ+ε) + y log(μ+ε) + lgammas,
-    the second form staying finite as φ grows. Zeros add nothing to the y terms; y log μ
-    splits into per-group totals of y times log m plus a constant; the lgamma terms need
-    only value histograms: only the log1p term is a pass over all cells. One deviation,
-    far below float32 resolution: y log(μ+ε) is taken as y log μ (relative change ε/μ).
+    the second form staying finite as φ grows. Zeros add nothing to the y terms, and
+    y log(μ+ε) = y log sf + y log m + y log1p(ε/μ): per-group totals of y times log m, a
+    constant, and a power series in ε/m over per-group totals of y / sf^k. The lgamma terms
+    need only value histograms. The log1p term splits exactly, since
+    1 + (μ+ε)/(φ+ε) = (1 + ε/(φ+ε)) (1 + sf x), x = m / (φ + 2ε):
+
+        Σ_{n,t} (φ+y) log1p(u) = Σ_t (N φ_t + Y_t) log1p(ε/(φ_t+ε))
+                               + Σ_{g,t} φ_t F_g(x_gt)            (F_g tabulated: all cells)
+                               + Σ_{y_nt > 0} y_nt log1p(sf_n x_gt)  (the non-zeros only).
+
+    Everything on [C, T] runs in float64 (near the Poisson limit, φ ~ 1e5, the dispersion
+    gradient is a difference of terms 1e5 times larger than itself); the per-entry pass runs
+    in float32 with float64 sums. Exact but for one bound: where ε/μ > 0.1 (μ < 1e-7) the
+    series in ε/μ stops at its value for μ = 1e-7.
     """
-    phi = 1.0 / params["o_y"] ** 2  # [T]
-    log_m = torch.log(params["mu_ntc"]) + math.log(2.0) * with_baseline(
-        params[EFFECT_SITE], params["mu_ntc"], 0.0
+    mu_ntc, dtype = params["mu_ntc"].double(), params["mu_ntc"].dtype
+    phi = 1.0 / params["o_y"].double() ** 2  # [T]
+    effect = params.get(EFFECT_SITE)
+    log_m = torch.log(mu_ntc) + math.log(2.0) * with_baseline(
+        None if effect is None else effect.double(), mu_ntc, 0.0
     )  # [C, T]
-    inv = 1.0 / (phi + LOG_EPS)
-    dense = _Log1pTerm.apply(
-        torch.exp(log_m) * inv,
-        LOG_EPS * inv,
-        phi,
-        stats["y"],
-        stats["sum_factor"],
-        stats["bounds"].tolist(),
+    m = torch.exp(log_m)
+    x = m / (phi + 2 * LOG_EPS)  # [C, T]
+    totals = stats["group_totals"]  # [C, T]
+    n_cells = stats["sf_moments"][:, 0].sum()
+    table = GroupLog1p.apply(x, stats["sf_grid"], stats["sf_coef"], stats["sf_moments"])
+    log1p_term = (
+        ((n_cells * phi + totals.sum(0)) * torch.log1p(LOG_EPS / (phi + LOG_EPS))).sum()
+        + (phi * table).sum()
+        + NonzeroLog1p.apply(x.T.reshape(-1), totals.T.reshape(-1), stats)
     )
-    # float64: near the Poisson limit (phi ~ 1e5) lgamma(phi + y) - lgamma(phi) cancels to
-    # below float32 resolution and the dispersion gradient would be mostly rounding error
-    phi_pair = phi.double().index_select(0, stats["pair_feature"])
-    pair_value = stats["pair_value"].double()
-    lgammas = (torch.lgamma(phi_pair + pair_value) - torch.lgamma(phi_pair)).to(phi.dtype)
-    return (
-        -dense
-        - (stats["group_totals"].sum(0) * torch.log(phi + LOG_EPS)).sum()
-        + (stats["group_totals"] * log_m).sum()
+    # per pair, not lgamma(φ) once per feature: near the Poisson limit the pair's
+    # difference digamma(φ + y) - digamma(φ) must be formed before it is summed
+    phi_pair = phi.index_select(0, stats["pair_feature"])
+    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
+    steps = torch.arange(stats["small_width"].shape[0], dtype=phi.dtype, device=phi.device)
+    rising = torch.cumsum(torch.log(phi[:, None] + steps), dim=1)  # Σ_{i<v} log(φ + i)
+    total = (
+        -log1p_term
+        - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
+        + (totals * log_m).sum()
+        + _eps_series(m, stats)
         + (stats["pair_count"] * lgammas).sum()
+        + (stats["small_count"] * rising.reshape(-1).index_select(0, stats["small_index"])).sum()
         + stats["constant"]
     )
+    return total.to(dtype)
+
+
+def _eps_series(m: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_{y > 0} y log1p(ε/μ) = Σ_{g,t} Σ_k (-1)^(k+1) (ε/m)^k / k Σ y / sf^k, by Horner
+    over the coefficients `eps_weights` [K, C, T] (sign and 1/k included)."""
+    ratio = LOG_EPS / torch.maximum(m, stats["sf_floor"][:, None])  # [C, T]
+    weights = stats["eps_weights"]
+    series = ratio * weights[-1]
+    for k in range(weights.shape[0] - 2, -1, -1):
+        series = ratio * (weights[k] + series)
+    return series.sum()
+
+
+def _by_feature_block(method):
+    """Run `method(self, data)` on a sparse fit matrix one dense block of features at a
+    time (at most ~64 MB), joining the results along the feature axis. Every filter,
+    prior input and initial value of negbinom is per feature, so this is the dense
+    computation, bit for bit, with the dense matrix never whole in memory."""
+
+    @functools.wraps(method)
+    def blockwise(self, data: FitArrays):
+        if not isinstance(data.y, SparseCounts) or data.n_features == 0:
+            y = data.y.dense() if isinstance(data.y, SparseCounts) else data.y
+            return method(self, replace(data, y=y))
+        blocks = data.y.dense_blocks(block_width(data.n_cells))
+        return _joined([method(self, replace(data, y=block)) for _, block in blocks])
+
+    return blockwise
+
+
+def _joined(parts: list):
+    """Per-feature results of consecutive feature blocks joined (0-d entries: the first)."""
+    if isinstance(parts[0], FilterFlags):
+        return FilterFlags(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(FilterFlags))
+        )
+    return {
+        key: value if value.ndim == 0 else torch.cat([p[key] for p in parts], dim=-1)
+        for key, value in parts[0].items()
+    }
 
 
 class NegBinom(Family):
@@ -178,6 +296,7 @@ class NegBinom(Family):
     )
     latent_sites = (EFFECT_SITE, "beta_o", "o_y", "mu_ntc")
     effect_site = EFFECT_SITE
+    sparse_fit = True  # the likelihood reads the non-zeros, totals and size factors only
 
     def __init__(
         self,
@@ -193,6 +312,7 @@ class NegBinom(Family):
         self.effect_scale = effect_scale
 
     # -- filters, priors, initial values (numpy, fit cells) ------------------------
+    @_by_feature_block
     def flags(self, data: FitArrays) -> FilterFlags:
         """Zero total, or zero standard deviation of the raw counts across fit cells."""
         y = data.y
@@ -202,6 +322,7 @@ class NegBinom(Family):
             ntc_single_category=np.zeros(y.shape[1], dtype=bool),
         )
 
+    @_by_feature_block
     def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Gamma prior on mu_ntc with mean = baseline mean, sd = robust SE floored at 10 %."""
         y_norm = data.y / data.sum_factor[:, None]
@@ -216,6 +337,7 @@ class NegBinom(Family):
             "beta_o_beta": torch.tensor(self.beta_o_beta),
         }
 
+    @_by_feature_block
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts."""
         if data.n_groups < 2:
@@ -242,7 +364,7 @@ class NegBinom(Family):
         return {EFFECT_SITE: log2_alpha, "o_y": o_y, "mu_ntc": mu_ntc}
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
-        """Cells sorted by group, the non-zero entries, and per-feature value histograms."""
+        """The per-group size-factor tables, the non-zero entries, totals and histograms."""
         return FitTensors(
             y=torch.empty(0),
             groups=torch.as_tensor(data.groups, dtype=torch.int64, device=device),

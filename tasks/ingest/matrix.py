@@ -42,6 +42,10 @@ from tasks.store import (
 logger = logging.getLogger(__name__)
 
 SHOW = 5  # ids quoted in a message
+NOT_COUNTS = (
+    " Normalised or log-transformed values are not counts: give the raw counts (e.g. an "
+    "AnnData `layer: counts`), or use a normal/studentt modality for continuous scores."
+)
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -344,24 +348,17 @@ def _check_values(
     for values, reader in [(y, readers[0]), (n, readers[1])]:
         if values is None or reader is None:
             continue
-        bad = ~np.isfinite(values) | (values < 0)
-        if bad.any():
-            where, value = _first(bad, values, start, plan, reader)
-            raise InputDataError(
-                f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs finite, "
-                f"non-negative counts, but {where} is {value} ({int(bad.sum())} such "
-                f"value(s) among features {start + 1}-{start + len(values)})."
-            )
-        bad = values != np.round(values)
-        if bad.any():
-            where, value = _first(bad, values, start, plan, reader)
-            raise InputDataError(
-                f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs whole "
-                f"counts, but {where} is {value} ({int(bad.sum())} such value(s) among "
-                f"features {start + 1}-{start + len(values)}). Normalised or log-transformed "
-                "values are not counts: give the raw counts (e.g. an AnnData `layer: counts`), "
-                "or use a normal/studentt modality for continuous scores."
-            )
+        for bad, need, hint in [
+            (~np.isfinite(values) | (values < 0), "finite, non-negative counts", ""),
+            (values != np.round(values), "whole counts", NOT_COUNTS),
+        ]:
+            if bad.any():
+                where, value = _first(bad, values, start, plan, reader)
+                raise InputDataError(
+                    f"'{reader.path}': {plan.distribution} modality '{plan.name}' needs "
+                    f"{need}, but {where} is {value} ({int(bad.sum())} such value(s) among "
+                    f"features {start + 1}-{start + len(values)}).{hint}"
+                )
     if n is not None:
         bad = y > n
         if bad.any():

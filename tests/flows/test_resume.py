@@ -185,13 +185,13 @@ def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
     assert (attrs["laplace_start"] is None) == (svi is SVI)  # ewma: the reference's start
 
 
-def test_unreadable_checkpoint_restarts_the_fit(
-    demo: Path, tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A kill between a checkpoint's metadata and its bytes leaves a zero-filled array:
-    the rerun fits from the start instead of failing on it forever."""
-    store = tmp_path / "crashed.zarr"
-    overrides = _with_store([*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], store)
+SHORT = [*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"]
+
+
+def _killed_after_a_checkpoint(demo: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> list:
+    """A short fit of `demo` into `store` that dies right after its first checkpoint;
+    returns the overrides of that run."""
+    overrides = _with_store(SHORT, store)
     save = tasks.fitting._save_checkpoint
 
     def save_then_die(group: zarr.Group, state: dict) -> None:
@@ -202,15 +202,23 @@ def test_unreadable_checkpoint_restarts_the_fit(
     with pytest.raises(RuntimeError, match="killed after a checkpoint"):
         technical_fit(str(demo), overrides)
     monkeypatch.undo()
+    return overrides
+
+
+def test_unreadable_checkpoint_restarts_the_fit(
+    demo: Path, tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between a checkpoint's metadata and its bytes leaves a zero-filled array:
+    the rerun fits from the start instead of failing on it forever."""
+    store = tmp_path / "crashed.zarr"
+    overrides = _killed_after_a_checkpoint(demo, store, monkeypatch)
     group = zarr.open_group(str(store / fit_key("gene")), mode="a")
     group.create_array(tasks.fitting.CHECKPOINT, shape=(64,), dtype="uint8", overwrite=True)
 
     technical_fit(str(demo), overrides)
     assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
     assert any(m.startswith("Unreadable fit checkpoint") for m in messages)
-    reference = _uninterrupted(
-        demo, [*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], tmp_path / "ref.zarr"
-    )
+    reference = _uninterrupted(demo, SHORT, tmp_path / "ref.zarr")
     _assert_same_results(store, reference)
 
 
@@ -230,17 +238,7 @@ def test_planted_pickle_in_a_checkpoint_is_never_run(
     """Someone who can write into a store replaces a killed fit's checkpoint by a pickle
     (the format of torch.save): resuming reads the store as data and never runs it."""
     store = tmp_path / "planted.zarr"
-    overrides = _with_store([*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], store)
-    save = tasks.fitting._save_checkpoint
-
-    def save_then_die(group: zarr.Group, state: dict) -> None:
-        save(group, state)
-        raise RuntimeError("killed after a checkpoint")
-
-    monkeypatch.setattr(tasks.fitting, "_save_checkpoint", save_then_die)
-    with pytest.raises(RuntimeError, match="killed after a checkpoint"):
-        technical_fit(str(demo), overrides)
-    monkeypatch.undo()
+    overrides = _killed_after_a_checkpoint(demo, store, monkeypatch)
     # the payload is live: unpickling it runs its code
     probe = tmp_path / "probe-ran"
     pickle.loads(pickle.dumps(_Payload(probe)))
@@ -256,9 +254,7 @@ def test_planted_pickle_in_a_checkpoint_is_never_run(
     assert not marker.exists()
     assert any("Unreadable fit checkpoint" in m and "not a bayesdream" in m for m in messages)
     assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
-    reference = _uninterrupted(
-        demo, [*SVI, "fit.niters=60", "fit.checkpoint_seconds=0.01"], tmp_path / "ref.zarr"
-    )
+    reference = _uninterrupted(demo, SHORT, tmp_path / "ref.zarr")
     _assert_same_results(store, reference)
 
 

@@ -33,12 +33,10 @@ float64, so the tolerances below are float32 error budgets:
   term with the wrong weight (a factor of sf, of 1/ln 2, a missing group) changes
   elements at O(1) relative.
 
-negbinom's documented deviation: `nb_log_likelihood` takes y log(mu + 1e-8) as y log mu.
-Its effect on a term is y 1e-8 / mu; here every cell mean is >= 1e-3 (asserted), so it
-is <= 1e-5 y absolute per cell and <= 1.5e-6 relative to the term y |log mu| it belongs
-to, and its total is added to the value tolerance explicitly (it is ~1e-8 of the sum at
-these means: below float32 resolution). On the gradient the relative change is
-<= 1e-8 / 1e-3 = 1e-5, inside GRAD_RTOL.
+negbinom keeps y log(mu + 1e-8) exact (a series in 1e-8 / mu) while every cell mean is
+>= 1e-7; here every cell mean is >= 1e-3 (asserted). Its regimes (tiny and huge means,
+the Poisson limit, tiny phi, size factors over two orders of magnitude) are held to
+float32 resolution in tests/model/test_negbinom_terms.py.
 """
 
 from __future__ import annotations
@@ -77,7 +75,6 @@ baselines = _load_baselines()
 N_CELLS, N_FEATURES, N_CATEGORIES = 150, 9, 4
 RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
-NB_EPS = 1e-8
 MIN_NB_MEAN = 1e-3
 FAMILIES = ("negbinom", "binomial", "multinomial", "normal", "studentt")
 SEEDS = (0, 1, 2)
@@ -216,8 +213,8 @@ def make_case(name: str, n_groups: int, seed: int) -> tuple[FitArrays, dict, dic
 
 
 # -- the comparison --------------------------------------------------------------------------
-def nb_deviation_bound(params: dict, data: FitArrays) -> float:
-    """Σ y 1e-8 / mu: the documented y log(mu + 1e-8) -> y log mu deviation; mu >= 1e-3."""
+def assert_nb_means_in_range(params: dict, data: FitArrays) -> None:
+    """Every cell mean is >= MIN_NB_MEAN (the cases are moderate; see the module doc)."""
     mu_ntc = params["mu_ntc"].detach().double().numpy()
     effect = params.get("log2_alpha_y")
     rows = np.zeros((data.n_groups, mu_ntc.size))
@@ -225,7 +222,6 @@ def nb_deviation_bound(params: dict, data: FitArrays) -> float:
         rows[1:] = effect.detach().double().numpy()
     mu = mu_ntc * np.exp2(rows[data.groups]) * data.sum_factor[:, None]
     assert mu.min() >= MIN_NB_MEAN, mu.min()
-    return float((data.y * NB_EPS / mu).sum())
 
 
 def evaluate(name: str, params: dict, data: FitArrays):
@@ -250,7 +246,7 @@ def evaluate(name: str, params: dict, data: FitArrays):
 def value_atol(name: str, params: dict, data: FitArrays, terms: torch.Tensor) -> float:
     atol = RTOL * terms.abs().sum().item()
     if name == "negbinom":
-        atol += nb_deviation_bound(params, data)
+        assert_nb_means_in_range(params, data)
     return atol
 
 
@@ -352,18 +348,13 @@ def test_binomial_likelihood_at_high_logit_is_spec_clamped(logit: float) -> None
     np.testing.assert_allclose(value.item(), expected.item(), rtol=RTOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (float32 precision): for low dispersion (o_y = 3e-3, phi ~ 1e5; the "
-        "Exponential(beta_o ~ 3) prior puts ~1 % of its mass below) the negbinom o_y gradient "
-        "is float32 cancellation noise, 10^2-10^4 x the exact value: lgamma(phi + y) - "
-        "lgamma(phi), y log phi and (phi + y) log1p(mu / phi) cancel to O(mu^2 / phi^2). "
-        "A plain float32 dense NB has the same error (o_y <~ 0.05 already loses >10 %); "
-        "accumulating the phi terms in float64 (the value histogram is small) would fix it"
-    ),
-)
 def test_negbinom_dispersion_gradient_near_the_poisson_limit() -> None:
+    """o_y = 3e-3 (phi ~ 1e5; the Exponential(beta_o ~ 3) prior puts ~1 % of its mass
+    below): lgamma(phi + y) - lgamma(phi), y log phi and (phi + y) log1p(mu / phi) cancel to
+    O(mu^2 / phi^2), so a float32 evaluation of those terms gives noise 10^2-10^4 x the
+    exact gradient (a plain float32 dense NB does: o_y <~ 0.05 already loses >10 %). The
+    family evaluates every [C, T] term in float64 and only the per-entry pass in float32,
+    whose share of this gradient is itself O(mu / phi): exact to ~1e-8 of its scale."""
     data, params, _ = make_case("negbinom", 3, seed=0)
     params = {**params, "o_y": torch.full_like(params["o_y"], 3e-3).requires_grad_(True)}
     fast = baselines.fast_log_likelihood(get_family("negbinom"), params, data)
@@ -371,4 +362,5 @@ def test_negbinom_dispersion_gradient_near_the_poisson_limit() -> None:
     ref_params = as_float64(params)
     ref = baselines.dense_log_likelihood("negbinom", ref_params, data).sum()
     (expected,) = torch.autograd.grad(ref, [ref_params["o_y"]])
-    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=1e-2)
+    scale = expected.abs().max().item()  # an element near 0 is held to the gradients' scale
+    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-8 * scale)

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from stores import npy_store
 
 from flows.cli import main
 from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import results_key
 from tasks.summary import summarize
-from tests.stores import npy_store
 
 VARM = ("alpha_mean", "alpha_sd", "alpha_q05", "alpha_q95")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from stores import npy_store
 
 from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import CIS_KEY, read_strings, results_key
-from tests.stores import npy_store
 
 NSAMPLES = 17  # tests/stores.py fits with this many draws in its config
 

@@ -1,0 +1,120 @@
+"""The fit matrix held as its non-zeros: the container, and negbinom fitting from it.
+
+`SparseCounts` must hand out exactly the dense matrix's columns and rows; negbinom's
+filters, priors and initial values on it (computed one dense block of features at a
+time) must equal the dense ones bit for bit, and so must its likelihood statistics and
+hence a fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from factories import negbinom_screen
+
+import bayesdream_model.distributions.negbinom as negbinom
+from bayesdream_model.data import FitArrays
+from bayesdream_model.distributions import get_family
+from bayesdream_model.errors import ModelError
+from bayesdream_model.fit import FitOptions, fit_technical
+from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.streaming import InMemoryCells, blockwise_inputs
+
+
+def _matrix(seed: int = 0, shape: tuple[int, int] = (37, 11)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(shape) < 0.3) * rng.poisson(4.0, shape).astype(np.float32)
+    y[:, 2] = 0.0  # an empty column
+    y[5] = 0.0  # an empty row
+    return y.astype(np.float32)
+
+
+def test_round_trip_and_blocks() -> None:
+    y = _matrix()
+    sparse = SparseCounts.from_dense(y)
+    assert sparse.shape == y.shape and sparse.nnz == np.count_nonzero(y)
+    np.testing.assert_array_equal(sparse.dense(), y)
+    joined = SparseCounts.from_blocks([y[:, :4], y[:, 4:9], y[:, 9:]], n_rows=y.shape[0])
+    for field in ("indptr", "rows", "values"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(sparse, field))
+    blocks = [block for _, block in sparse.dense_blocks(4)]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), y)
+
+
+@pytest.mark.parametrize(
+    "keep", [slice(2, 9), slice(None, None, 3), np.array([7, 1, 2]), np.arange(11) % 2 == 0]
+)
+def test_select_features_equals_dense(keep) -> None:
+    y = _matrix()
+    np.testing.assert_array_equal(
+        SparseCounts.from_dense(y).select_features(keep).dense(), y[:, keep]
+    )
+
+
+@pytest.mark.parametrize(
+    "rows", [slice(3, 20), np.arange(37) % 3 == 0, np.random.default_rng(1).permutation(37)[:15]]
+)
+def test_select_rows_equals_dense(rows) -> None:
+    y = _matrix()
+    picked = SparseCounts.from_dense(y).select_rows(rows)
+    np.testing.assert_array_equal(picked.dense(), y[rows])
+    for lo, hi in zip(picked.indptr[:-1], picked.indptr[1:], strict=True):
+        assert (np.diff(picked.rows[lo:hi]) > 0).all()  # rows increasing within a column
+
+
+def test_blocks_of_the_wrong_shape_are_refused() -> None:
+    with pytest.raises(ModelError, match="expected \\[5 cells, features\\]"):
+        SparseCounts.from_blocks([np.zeros((4, 3))], n_rows=5)
+
+
+def _sparse(data: FitArrays) -> FitArrays:
+    return FitArrays(
+        y=SparseCounts.from_dense(data.y),
+        groups=data.groups,
+        n_groups=data.n_groups,
+        sum_factor=data.sum_factor,
+    )
+
+
+def _screen() -> FitArrays:
+    data = negbinom_screen(n_cells=240, n_features=19, n_groups=3, seed=4)[1]
+    return FitArrays(
+        y=np.asarray(data.y, dtype=np.float32),
+        groups=data.groups,
+        n_groups=3,
+        sum_factor=np.asarray(data.sum_factor, dtype=np.float32),
+    )
+
+
+def test_filters_priors_and_inits_from_sparse_equal_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 4 features (19 = 4 + 4 + 4 + 4 + 3), bit for bit."""
+    monkeypatch.setattr(negbinom, "block_width", lambda n_cells: 4)
+    family, dense = get_family("negbinom"), _screen()
+    sparse = _sparse(dense)
+    for name, flag in family.flags(dense).as_dict().items():
+        np.testing.assert_array_equal(getattr(family.flags(sparse), name), flag, err_msg=name)
+    for method in (family.prior_inputs, family.initial_values):
+        want, got = method(dense), method(sparse)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_fit_from_sparse_equals_fit_from_dense() -> None:
+    dense = _screen()
+    options = FitOptions(niters=30, seed=3, guide="feature_mvn")
+    family = get_family("negbinom")
+    losses = [fit_technical(family, d, options).svi.losses for d in (dense, _sparse(dense))]
+    np.testing.assert_array_equal(losses[1], losses[0])
+
+
+def test_sparse_cells_stream_in_batches() -> None:
+    """An in-memory source over a sparse matrix hands out the dense batches and blocks."""
+    dense = _screen()
+    source = InMemoryCells(_sparse(dense), batch_cells=70, block_features=7)
+    joined = np.concatenate([source.read_batch(k).y.dense() for k in range(source.n_batches)])
+    np.testing.assert_array_equal(joined, dense.y)
+    family = get_family("negbinom")
+    priors, _ = blockwise_inputs(family, source)
+    torch.testing.assert_close(priors["mu_mean"], family.prior_inputs(dense)["mu_mean"])
