@@ -23,7 +23,9 @@ def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     size = {"n_cells": args.cells, "n_features": args.features, "n_groups": args.groups}
     if name == "negbinom":
-        s = sim.simulate_negbinom_screen(**size, effect_sd=args.effect_sd, seed=args.seed)
+        s = sim.simulate_negbinom_screen(
+            **size, effect_sd=args.effect_sd, mu_median=args.nb_mean, seed=args.seed
+        )
         return {
             "y": s.counts,
             "groups": s.groups,
@@ -102,15 +104,16 @@ def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str,
         modality["denominator"] = str(inputs / "denominator.npy")
         fmt += " + denominator.npy (int32)"
     fmt += " + features.txt + cells.txt + cells.csv"
-    # What the step workers fit: all cells are NTC; cells x features (x K), float32.
-    fit = {
-        "y": np.ascontiguousarray(np.swapaxes(y, 0, 1), dtype=np.float32),
-        "groups": groups.astype(np.int64),
-        "sum_factor": screen["sum_factor"].astype(np.float32),
-    }
-    if screen["denominator"] is not None:
-        fit["denominator"] = np.ascontiguousarray(screen["denominator"].T, dtype=np.float32)
-    np.savez(folder / "fitdata.npz", **fit)
+    needed = not args.skip_steps or (name == "negbinom" and not args.skip_peer)
+    if needed:  # what the step workers and the peer fit: all cells NTC, cells x features
+        fit = {
+            "y": np.ascontiguousarray(np.swapaxes(y, 0, 1), dtype=np.float32),
+            "groups": groups.astype(np.int64),
+            "sum_factor": screen["sum_factor"].astype(np.float32),
+        }
+        if screen["denominator"] is not None:
+            fit["denominator"] = np.ascontiguousarray(screen["denominator"].T, dtype=np.float32)
+        np.savez(folder / "fitdata.npz", **fit)
     np.savez(folder / "truth.npz", effects=screen["effects"], feature_names=features)
     input_bytes = sum(p.stat().st_size for p in inputs.iterdir())
     return {
@@ -119,6 +122,7 @@ def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str,
         "shape": list(y.shape),
         "n_groups": args.groups,
         "inputs_mb": round(input_bytes / MIB, 1),
+        "nonzero_fraction": round(float(np.count_nonzero(y)) / y.size, 4),
         "simulate_seconds": round(t_sim, 2),
         "write_seconds": round(time.perf_counter() - t0, 2),
     }

@@ -190,6 +190,7 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
         "flow_call_seconds": round(t1 - t0, 2),
         "stages": stages,
         "fit_seconds": round(float(attrs["fit_seconds"]), 2),
+        "laplace_seconds": attrs.get("laplace_seconds"),
         "sampling_seconds": round(float(attrs["sampling_seconds"]), 2),
         "niters_run": int(attrs["niters_run"]),
         "stop_reason": attrs["stop_reason"],
