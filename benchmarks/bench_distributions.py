@@ -57,7 +57,14 @@ for _path in (str(REPO), str(HERE)):
         sys.path.insert(0, _path)
 
 from dist_inputs import recovery, write_inputs  # noqa: E402
-from dist_report import TARGET_CORR, TARGET_COVERAGE, TARGETS, check_targets, print_report  # noqa: E402
+from dist_report import (  # noqa: E402
+    TARGET_CORR,
+    TARGET_COVERAGE,
+    TARGETS,
+    check_targets,
+    fit_stage_seconds,
+    print_report,
+)
 from dist_worker import worker_flow, worker_steps  # noqa: E402
 from machine import (  # noqa: E402  (benchmarks/ on the path first)
     cpu_affinity,
@@ -276,8 +283,7 @@ def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
                 row["recovery"] = {"error": repr(err)}
     if name == "negbinom" and not args.skip_peer:
         row["peer_deseq2"] = run_worker(args, folder, name, "deseq2", [], "deseq2")
-        # ours: the fit stage's wall (reading the fit cells, Laplace start, SVI, writing)
-        ours = row.get("flow", {}).get("stages", {}).get("fit", {}).get("seconds")
+        ours = fit_stage_seconds(row.get("flow", {}))
         peer = row["peer_deseq2"].get("seconds")
         row["peer_speedup"] = round(peer / ours, 2) if ours and peer else None
     row["load_average_after"] = load_average()

@@ -160,6 +160,11 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\n  total benchmark wall: {report['total_seconds']:.0f} s")
 
 
+def fit_stage_seconds(flow: dict[str, Any]) -> float | None:
+    """The flow's fit stage wall: reading the fit cells, Laplace start, SVI, writing."""
+    return (flow.get("stages") or {}).get("fit", {}).get("seconds")
+
+
 def print_peer(report: dict[str, Any]) -> None:
     """PyDESeq2 on the negbinom cells, beside our default run."""
     for row in report["rows"]:
@@ -174,7 +179,7 @@ def print_peer(report: dict[str, Any]) -> None:
         print("\n== peer: PyDESeq2 (~cell_line, the same size factors, one core) " + "=" * 16)
         print(f"  {'':<10} {'fit s':>8} {'RSS MB':>8} {'corr':>8} {'RMSE':>7} {'cov90':>6}")
         rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0)
-        fit_wall = (flow.get("stages") or {}).get("fit", {}).get("seconds")  # Laplace + SVI
+        fit_wall = fit_stage_seconds(flow)
         print(
             f"  {'ours':<10} {fmt(fit_wall):>8} {fmt(rss, '.0f'):>8} "
             f"{fmt(ours.get('corr'), '.5f'):>8} {fmt(ours.get('rmse'), '.3f'):>7} "
