@@ -21,6 +21,9 @@ class FitArrays:
     n_groups: int  # C
     sum_factor: np.ndarray | None = None  # [N]
     denominator: np.ndarray | None = None  # same shape as y (binomial)
+    #: (smallest, largest) size factor of every fit cell when these cells are one batch of
+    #: them: tabulated statistics (negbinom) then share one grid and merge by adding
+    sf_range: tuple[float, float] | None = None
 
     @property
     def n_cells(self) -> int:

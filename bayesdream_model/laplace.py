@@ -56,7 +56,7 @@ class LaplaceSettings:
     max_iters: int = 25
     tolerance: float = 1e-4
     max_backtracks: int = 8
-    max_radius: float = 10.0  # a step is at most this many posterior sds (|H| metric)
+    max_radius: float = 30.0  # a step is at most this many posterior sds (|H| metric)
     fd_fraction: float = 0.1
     fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
     eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)

@@ -130,10 +130,10 @@ FIT_BYTES_PER_ENTRY = 3 * BYTES_PER_FLOAT
 #: a streamed fit holds the current batch, two read ahead, and a read buffer
 STREAM_BUFFERS = 4
 #: bytes per non-zero entry of a fit matrix held sparse (negbinom): the int32 row and
-#: float32 value kept as the fit matrix, the likelihood's sorted float32 count, float32
-#: size factor and int32 code, and ~4 more of temporaries while those are built (in runs
-#: of columns) or of the run layout
-SPARSE_BYTES_PER_NONZERO = 6 * BYTES_PER_FLOAT
+#: float32 value kept as the fit matrix, and ~4 more of temporaries while the likelihood's
+#: statistics are built (in runs of columns); the statistics themselves are per (group,
+#: feature), not per entry
+SPARSE_BYTES_PER_NONZERO = 3 * BYTES_PER_FLOAT
 #: per fit cell of a sparse fit matrix: its size factor and group code, and per cell
 #: and feature of one block of SPARSE_BLOCK_FEATURES: the dense blocks the store is read
 #: in and the priors are computed on (the block and its temporaries)
@@ -178,7 +178,7 @@ def plan_fit(
     always / never; `batch_cells` (when streaming) overrides the planned batch size.
     `entries_per_cell`: T (x K; x 2 with a denominator). `nonzero`: the fit matrix's
     non-zero entries, for a family that holds it sparse (negbinom): then what must fit is
-    the sparse form (~24 B a non-zero instead of 12 B an entry); streamed batches are
+    the sparse form (~12 B a non-zero instead of 12 B an entry); streamed batches are
     still read dense."""
     per_cell = entries_per_cell * FIT_BYTES_PER_ENTRY
     dense = n_cells * per_cell

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -52,6 +53,7 @@ class InMemoryCells:
         self.n_cells, self.n_features, self.n_groups = data.n_cells, data.n_features, data.n_groups
         self.bounds = even_bounds(data.n_cells, batch_cells)
         self.block_features = block_features
+        self.sf_range = size_factor_range(data.sum_factor)
 
     @property
     def n_batches(self) -> int:
@@ -60,12 +62,20 @@ class InMemoryCells:
 
     def read_batch(self, index: int) -> FitArrays:
         """Contiguous rows."""
-        return self.data.select_cells(slice(self.bounds[index], self.bounds[index + 1]))
+        rows = self.data.select_cells(slice(self.bounds[index], self.bounds[index + 1]))
+        return replace(rows, sf_range=self.sf_range)
 
     def feature_blocks(self) -> Iterator[FitArrays]:
         """Contiguous columns."""
         for start in range(0, self.n_features, self.block_features):
             yield self.data.select_features(slice(start, start + self.block_features))
+
+
+def size_factor_range(sum_factor: np.ndarray | None) -> tuple[float, float] | None:
+    """(smallest, largest) size factor of the fit cells (`FitArrays.sf_range`)."""
+    if sum_factor is None or len(sum_factor) == 0:
+        return None
+    return float(np.min(sum_factor)), float(np.max(sum_factor))
 
 
 def even_bounds(n: int, batch: int) -> np.ndarray:

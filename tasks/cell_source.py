@@ -15,6 +15,7 @@ import zarr
 
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
+from bayesdream_model.streaming import size_factor_range
 from tasks.groups import GroupAssignment
 from tasks.prepare import fit_cell_index, read_columns
 from tasks.store import CELL_CHUNK, CELLS, FEATURE_CHUNK, inputs_key
@@ -62,6 +63,7 @@ class StoreCells:
         self.sum_factor = None
         if self.family.spec.needs_sum_factor:
             self.sum_factor = root[CELLS]["sum_factor"][...][self.cells].astype(np.float32)
+        self.sf_range = size_factor_range(self.sum_factor)
         self.n_cells, self.n_features = len(self.cells), len(self.features)
         self.n_groups = len(groups.labels)
         chunk = root[inputs_key(name)]["counts"].chunks[1]
@@ -94,4 +96,5 @@ class StoreCells:
             n_groups=self.n_groups,
             sum_factor=None if self.sum_factor is None else self.sum_factor[rows],
             denominator=denominator,
+            sf_range=self.sf_range,
         )

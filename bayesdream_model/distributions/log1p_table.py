@@ -37,9 +37,13 @@ INVERSE_POWERS = 4  # Σ sf^-k, k = 1..4
 CELL_CHUNK = 4096  # cells per pass while tabulating: [chunk, nodes] float64 temporaries
 
 
-def log1p_table(sum_factor: np.ndarray, bounds: np.ndarray) -> dict[str, np.ndarray]:
+def log1p_table(
+    sum_factor: np.ndarray, bounds: np.ndarray, sf_range: tuple[float, float] | None = None
+) -> dict[str, np.ndarray]:
     """The tables of every group, from the size factors sorted by group ([N], float64) and
-    the groups' row bounds [C + 1].
+    the groups' row bounds [C + 1]; the grid spans `sf_range` (smallest, largest) when
+    given (a batch of the fit cells: every batch's tables then share one grid), else
+    these size factors' own range.
 
     Returns `sf_grid` [4] (first node s0, spacing h, x below which the power series is
     used, x above which the asymptotic one is), `sf_coef` [C, K - 1, 6] (G's polynomial on
@@ -47,7 +51,7 @@ def log1p_table(sum_factor: np.ndarray, bounds: np.ndarray) -> dict[str, np.ndar
     (cell count, Σ log sf, Σ sf^k, Σ sf^-k).
     """
     sf = np.asarray(sum_factor, dtype=np.float64)
-    top, bottom = (sf.max(), sf.min()) if sf.size else (1.0, 1.0)
+    bottom, top = sf_range or ((sf.min(), sf.max()) if sf.size else (1.0, 1.0))
     x_low, x_high = SERIES_BELOW / top, ASYMPTOTIC_ABOVE / bottom
     start, stop = math.log(x_low), math.log(x_high)
     intervals = max(1, math.ceil((stop - start) / STEP))
@@ -56,7 +60,7 @@ def log1p_table(sum_factor: np.ndarray, bounds: np.ndarray) -> dict[str, np.ndar
     coef, moments = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         group = sf[lo:hi]
-        coef.append(_hermite_coefficients(*_log1p_sums(group, nodes), step))
+        coef.append(np.stack(hermite_coefficients(*_log1p_sums(group, nodes), step), axis=1))
         moments.append(_moments(group))
     return {
         "sf_grid": np.array([start, step, x_low, x_high]),
@@ -78,19 +82,24 @@ def _log1p_sums(group: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, ...]:
     return value, first, second
 
 
-def _hermite_coefficients(
-    value: np.ndarray, first: np.ndarray, second: np.ndarray, step: float
-) -> np.ndarray:
-    """[K - 1, 6]: on each interval the quintic in r = s - s_k that matches value, first and
-    second derivative at both ends (c0..c5, lowest power first)."""
+def hermite_coefficients(value, first, second, step: float) -> tuple:
+    """On each interval the quintic in r = s - s_k that matches value, first and second
+    derivative at both ends (c0..c5, lowest power first), from G, G', G'' at the nodes [K]
+    (numpy or torch)."""
     f0, f1, d0, d1, e0, e1 = value[:-1], value[1:], first[:-1], first[1:], second[:-1], second[1:]
+    return hermite_between(f0, f1, d0, d1, e0, e1, step)
+
+
+def hermite_between(f0, f1, d0, d1, e0, e1, step) -> tuple:
+    """The six coefficients of the quintic from G, G', G'' at the left (0) and right (1)
+    end of an interval of length `step`."""
     gap = f1 - f0 - d0 * step - e0 * step**2 / 2  # what c3..c5 must add at r = h
     slope = (d1 - d0 - e0 * step) * step
     bend = (e1 - e0) * step**2
     a = 10 * gap - 4 * slope + bend / 2  # c3 h^3
     b = -15 * gap + 7 * slope - bend  # c4 h^4
     c = 6 * gap - 3 * slope + bend / 2  # c5 h^5
-    return np.stack([f0, d0, e0 / 2, a / step**3, b / step**4, c / step**5], axis=1)
+    return f0, d0, e0 / 2, a / step**3, b / step**4, c / step**5
 
 
 def _moments(group: np.ndarray) -> np.ndarray:
@@ -113,12 +122,12 @@ def evaluate(x: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Ten
     # device-to-host sync, and evaluating both series costs less than it)
     on_gpu = x.device.type != "cpu"
     if on_gpu or bool(below.any()):
-        low = _power_series(x.clamp(max=x_low), power)
+        low = power_series(x.clamp(max=x_low), power)
         value, slope = (
             torch.where(below, lo, mid) for lo, mid in zip(low, (value, slope), strict=True)
         )
     if on_gpu or bool(above.any()):
-        high = _asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
+        high = asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
         value, slope = (
             torch.where(above, hi, mid) for hi, mid in zip(high, (value, slope), strict=True)
         )
@@ -138,7 +147,7 @@ def _interpolated(x, coef, start, step):
     return value, slope / x
 
 
-def _power_series(x, power):
+def power_series(x, power):
     """Σ_k (-1)^(k+1) x^k Σ sf^k / k and its derivative (k = 1..POWERS), by Horner."""
     value = torch.zeros_like(x)
     slope = torch.zeros_like(x)
@@ -149,7 +158,7 @@ def _power_series(x, power):
     return value, slope
 
 
-def _asymptotic_series(x, count, log_sf, inverse):
+def asymptotic_series(x, count, log_sf, inverse):
     """N log x + Σ log sf + Σ_k (-1)^(k+1) Σ sf^-k / (k x^k) and its derivative."""
     z = 1.0 / x
     tail = torch.zeros_like(x)

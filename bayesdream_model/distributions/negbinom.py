@@ -22,14 +22,8 @@ from bayesdream_model.distributions.base import (
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.log1p_table import GroupLog1p, log1p_table
-from bayesdream_model.distributions.nonzero_log1p import (
-    NonzeroLog1p,
-    block_entries,
-    chunk_width,
-    code_dtype,
-    padded,
-    sorted_by_code,
-)
+from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
+from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
 from bayesdream_model.sparse import SparseCounts, block_width
 from bayesdream_model.stats import constant, group_means, robust_sd
@@ -41,11 +35,11 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     """What `nb_log_likelihood` reads, computed once before SVI (see there for the terms).
 
     From the size factors, per group: the tabulated Σ_n log1p(sf_n x) (`log1p_table`).
-    From the non-zero entries (dense input is made sparse first): the entries sorted by
-    (feature, group) with their size factors and codes, for the one per-entry pass
-    (`nonzero_log1p`); the per-group totals of y and of y / sf^k (the y log(mu + ε)
-    terms, the latter as the coefficients of their series); the (feature, value)
-    histogram (the lgamma terms); and the constant.
+    From the non-zero entries (dense input is made sparse first), per (group, feature):
+    the tabulated Σ_n y log1p(sf_n x) (`weighted_log1p`), the totals of y and of y / sf^k
+    (the y log(mu + ε) terms, the latter as the coefficients of their series); the
+    (feature, value) histogram (the lgamma terms); and the constant. Nothing of size N or
+    of the number of non-zeros is kept: a step costs O(C T) plus the histogram.
     """
     y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
     groups = np.asarray(data.groups, dtype=np.int64)
@@ -53,32 +47,24 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     order = np.argsort(groups, kind="stable")
     bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
     arrays = _entry_arrays(y, groups, sf, data.n_groups)
-    width = chunk_width(arrays["codes"])
-    arrays |= padded(arrays, width) | log1p_table(sf[order], bounds)
+    arrays |= log1p_table(sf[order], bounds, data.sf_range)
+    x_range = tuple(float(v) for v in arrays["sf_grid"][2:4])
+    arrays |= weighted_log1p_table(y, groups, sf, data.n_groups, x_range)
     arrays["sf_floor"] = _floors(sf[order], bounds)
-    exact = {"values": torch.float32, "entry_sf": torch.float32}
-    exact |= {k: torch.int64 for k in ("pair_feature", "small_index", "chunk_codes")}
-    exact["codes"] = torch.int32 if arrays["codes"].dtype == np.int32 else torch.int64
-    out = {
+    exact = {"pair_feature": torch.int64}
+    return {
         key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
         for key, value in arrays.items()
     }
-    # on the CPU (read as Python ints); a block is a whole number of chunks
-    out["block_size"] = torch.tensor(-(-block_entries(device) // width) * width)
-    out["chunk_width"] = torch.tensor(width)
-    return out
 
 
 def _entry_arrays(
     y: SparseCounts, groups: np.ndarray, sf: np.ndarray, n_groups: int
 ) -> dict[str, np.ndarray]:
-    """The sorted entries and every per-entry sum, one run of columns at a time (the
-    temporaries stay small next to the entries themselves)."""
+    """The per-entry sums, one run of columns at a time (the temporaries stay small next to
+    the entries themselves)."""
     n_features = y.shape[1]
     out = {
-        "values": np.empty(y.nnz, dtype=np.float32),
-        "entry_sf": np.empty(y.nnz, dtype=np.float32),
-        "codes": np.empty(y.nnz, dtype=code_dtype(n_features, n_groups)),
         "group_totals": np.zeros((n_features, n_groups)),
         "eps_weights": np.zeros((EPS_TERMS, n_features, n_groups)),
     }
@@ -86,12 +72,8 @@ def _entry_arrays(
     for lo, hi in _column_runs(y.indptr, ENTRY_CHUNK):
         span = slice(y.indptr[lo], y.indptr[hi])
         local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
-        order = sorted_by_code(local, groups[y.rows[span]], n_groups)
-        rows, local = y.rows[span][order], local[order]
-        values = y.values[span][order].astype(np.float64)
+        rows, values = y.rows[span], y.values[span].astype(np.float64)
         key = local * n_groups + groups[rows]
-        out["values"][span], out["entry_sf"][span] = values, sf[rows]
-        out["codes"][span] = key + lo * n_groups
         width = (hi - lo) * n_groups
         out["group_totals"][lo:hi] = np.bincount(key, values, width).reshape(hi - lo, -1)
         for k in range(1, EPS_TERMS + 1):  # (-1)^(k+1) / k Σ y / sf^k per (g, t)
@@ -106,23 +88,24 @@ def _entry_arrays(
     out["pair_count"] = np.concatenate([np.zeros(0), *counts])
     lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
     out["constant"] = np.float64(constant - out["pair_count"] @ lgamma_y1)
-    out |= _small_pairs(out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"))
+    out |= _small_pairs(
+        out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"), n_features
+    )
     out["group_totals"] = out["group_totals"].T  # [C, T]
     out["eps_weights"] = out["eps_weights"].transpose(0, 2, 1)  # [K, C, T]
     return out
 
 
-def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray) -> dict:
+def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray, n_features: int):
     """The histogram split: integer values 1..SMALL_VALUES, whose lgamma(φ + v) - lgamma(φ)
-    = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature
-    (`small_index` = t * V + v - 1, V the largest such value present, `small_count`),
-    and the rest (`pair_feature`, `pair_value`, `pair_count`), through lgamma."""
+    = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature (`small_count`
+    [T, SMALL_VALUES]: how many cells of feature t have the count v + 1), and the rest
+    (`pair_feature`, `pair_value`, `pair_count`), through lgamma."""
     small = (value == np.round(value)) & (value >= 1) & (value <= SMALL_VALUES)
-    width = int(value[small].max(initial=0))
+    index = (feature[small] * SMALL_VALUES + value[small] - 1).astype(np.int64)
+    table = np.bincount(index, count[small], minlength=n_features * SMALL_VALUES)
     return {
-        "small_index": (feature[small] * width + value[small] - 1).astype(np.int64),
-        "small_count": count[small],
-        "small_width": np.zeros(width),  # only its length is read
+        "small_count": table.reshape(n_features, SMALL_VALUES),
         "pair_feature": feature[~small],
         "pair_value": value[~small],
         "pair_count": count[~small],
@@ -132,9 +115,18 @@ def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray) -> d
 SMALL_VALUES = 16
 
 
+def _joined_pairs(feature: torch.Tensor, value: torch.Tensor, count: torch.Tensor) -> dict:
+    """(feature, value) pairs with their counts, duplicates summed."""
+    keys, inverse = torch.unique(torch.stack([feature.double(), value]), dim=1, return_inverse=True)
+    total = torch.zeros(keys.shape[1], dtype=count.dtype).index_add_(0, inverse, count)
+    return {"pair_feature": keys[0].long(), "pair_value": keys[1], "pair_count": total}
+
+
 def _floors(sf_sorted: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Per group, the mean m below which ε / (sf m) may exceed EPS_SERIES_MAX [C]."""
-    smallest = [sf_sorted[lo:hi].min() if hi > lo else 1.0 for lo, hi in pairwise(bounds)]
+    # a group with no cells here (a batch) reads nothing below its floor: 0, so that the
+    # merged floor is the largest of the batches' (`NegBinom.merge_stats`)
+    smallest = [sf_sorted[lo:hi].min() if hi > lo else np.inf for lo, hi in pairwise(bounds)]
     return LOG_EPS / (EPS_SERIES_MAX * np.asarray(smallest))
 
 
@@ -198,11 +190,10 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
 
         Σ_{n,t} (φ+y) log1p(u) = Σ_t (N φ_t + Y_t) log1p(ε/(φ_t+ε))
                                + Σ_{g,t} φ_t F_g(x_gt)            (F_g tabulated: all cells)
-                               + Σ_{y_nt > 0} y_nt log1p(sf_n x_gt)  (the non-zeros only).
+                               + Σ_{g,t} H_gt(x_gt)               (H_gt tabulated: y > 0).
 
-    Everything on [C, T] runs in float64 (near the Poisson limit, φ ~ 1e5, the dispersion
-    gradient is a difference of terms 1e5 times larger than itself); the per-entry pass runs
-    in float32 with float64 sums. Exact but for one bound: where ε/μ > 0.1 (μ < 1e-7) the
+    Everything runs in float64 on [C, T] (near the Poisson limit, φ ~ 1e5, the dispersion
+    gradient is a difference of terms 1e5 times larger than itself). Exact but for one bound: where ε/μ > 0.1 (μ < 1e-7) the
     series in ε/μ stops at its value for μ = 1e-7.
     """
     mu_ntc, dtype = params["mu_ntc"].double(), params["mu_ntc"].dtype
@@ -219,13 +210,15 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
     log1p_term = (
         ((n_cells * phi + totals.sum(0)) * torch.log1p(LOG_EPS / (phi + LOG_EPS))).sum()
         + (phi * table).sum()
-        + NonzeroLog1p.apply(x.T.reshape(-1), totals.T.reshape(-1), stats)
+        + WeightedLog1p.apply(
+            x, totals, stats["sf_grid"], stats["yl_nodes"], stats["yl_grid"], stats["yl_moments"]
+        )
     )
     # per pair, not lgamma(φ) once per feature: near the Poisson limit the pair's
     # difference digamma(φ + y) - digamma(φ) must be formed before it is summed
     phi_pair = phi.index_select(0, stats["pair_feature"])
     lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
-    steps = torch.arange(stats["small_width"].shape[0], dtype=phi.dtype, device=phi.device)
+    steps = torch.arange(SMALL_VALUES, dtype=phi.dtype, device=phi.device)
     rising = torch.cumsum(torch.log(phi[:, None] + steps), dim=1)  # Σ_{i<v} log(φ + i)
     total = (
         -log1p_term
@@ -233,7 +226,7 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         + (totals * log_m).sum()
         + _eps_series(m, stats)
         + (stats["pair_count"] * lgammas).sum()
-        + (stats["small_count"] * rising.reshape(-1).index_select(0, stats["small_index"])).sum()
+        + (stats["small_count"] * rising).sum()
         + stats["constant"]
     )
     return total.to(dtype)
@@ -297,6 +290,20 @@ class NegBinom(Family):
     latent_sites = (EFFECT_SITE, "beta_o", "o_y", "mu_ntc")
     effect_site = EFFECT_SITE
     sparse_fit = True  # the likelihood reads the non-zeros, totals and size factors only
+    mergeable = True  # ... through sums over cells (a streamed fit merges its batches once)
+
+    def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+        """Sums over cells add (tables too: batches share one grid, `FitArrays.sf_range`);
+        the y log1p(ε/μ) floor is the largest; value histograms are joined."""
+        for key in ("sf_grid", "yl_grid"):
+            if not torch.equal(a[key], b[key]):
+                raise ModelError(f"negbinom statistics on different grids ({key}) cannot merge")
+        out = {k: v for k, v in a.items() if k in ("sf_grid", "yl_grid")}
+        out["sf_floor"] = torch.maximum(a["sf_floor"], b["sf_floor"])
+        pairs = ("pair_feature", "pair_value", "pair_count")
+        out |= _joined_pairs(*(torch.cat([a[k], b[k]]) for k in pairs))
+        skip = {*out, *pairs}
+        return out | {k: a[k] + b[k] for k in a if k not in skip}
 
     def __init__(
         self,
