@@ -188,13 +188,14 @@ def model_stage(args: argparse.Namespace, cfg, steps: Steps, log) -> dict[str, A
     if args.worker == "sample":
         request = SampleRequest(nsamples=args.nsamples, seed=0)
         return steps.run("sample", sample_modality, root, MODALITY, request, log)
-    fit = FitConfig(niters=args.fit_steps, lr=1e-3)
+    fit = FitConfig(niters=args.fit_steps or None, lr=1e-3)  # 0: the default run
     summary = steps.run("fit", fit_modality, root, MODALITY, fit, log)
     attrs = dict(root[fit_key(MODALITY)].attrs)
     return {
         **summary,
         "cell_batches": attrs.get("cell_batches"),
         "guide": attrs.get("guide"),
+        "laplace_seconds": attrs.get("laplace_seconds"),
         "svi_seconds": round(attrs["fit_seconds"], 1),
         "ms_per_step": round(1000 * attrs["fit_seconds"] / attrs["niters_run"], 1),
         "n_fit_features": int(root[fit_key(MODALITY)]["features"].shape[0]),

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 CELL_LINES = ("HEK293T", "K562", "THP1")
+NB_INVERSION_STEPS = 400
 
 
 class Screen:
@@ -52,6 +53,24 @@ class Screen:
         self.matrix_cells = self.cell_ids[order]
         self.sum_factor = self.table_sum_factor[order]  # per matrix column
         self.n_blocks = math.ceil(self.n_genes / self.block_rows)
+        self.model = getattr(args, "model", "hurdle")
+        if self.model == "nb":
+            self._nb_parameters(args, order)
+
+    def _nb_parameters(self, args: argparse.Namespace, order: np.ndarray) -> None:
+        """`--model nb`: y ~ NB(phi_g, mean sf_n mu_g 2^effect[line_n, g]), the model the
+        fit assumes, so its posterior can be scored against the truth. mu_g log-normal
+        around `--density` (a mean of ~0.1 a cell leaves ~90 % zeros), o_y = 1 / sqrt(phi)
+        ~ Exponential(3) (the prior's mean rate) within [0.05, 1.5], log2 effects of the
+        2nd and 3rd cell line N(0, 0.5) (the first is the baseline: 0)."""
+        rng = np.random.default_rng([args.seed, 4])
+        self.mu = args.density * rng.lognormal(-0.5, 1.0, args.genes)
+        self.mu[self.p == 0] = 0.0  # the all-zero genes stay all zero
+        self.o_y = np.clip(rng.exponential(1 / 3, args.genes), 0.05, 1.5)
+        self.effects = np.zeros((len(CELL_LINES), args.genes))
+        self.effects[1:] = rng.normal(0.0, 0.5, (len(CELL_LINES) - 1, args.genes))
+        line_of = {line: k for k, line in enumerate(CELL_LINES)}
+        self.line_code = np.array([line_of[c] for c in self.cell_lines[order]])  # per column
 
     def rows(self, b: int) -> range:
         return range(b * self.block_rows, min((b + 1) * self.block_rows, self.n_genes))
@@ -69,8 +88,45 @@ class Screen:
             pos = np.concatenate([pos, more])
         return pos[: np.searchsorted(pos, n)]
 
+    def _nb_row(self, rng: np.random.Generator, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gene g's non-zero columns and counts, drawn exactly by inversion of the NB CDF
+        with one uniform per cell (the zeros cost one comparison); the rare count the
+        recursion has not reached after NB_INVERSION_STEPS is drawn as Poisson-gamma
+        conditioned on > 0 (rejection)."""
+        phi = 1.0 / self.o_y[g] ** 2
+        mean = self.sum_factor * self.mu[g] * np.exp2(self.effects[self.line_code, g])
+        u = rng.random(self.n_cells)
+        zero = np.exp(-phi * np.log1p(mean / phi))  # P(y = 0)
+        cols = np.flatnonzero(u > zero)
+        u, m, term = u[cols], mean[cols], zero[cols]
+        q, cdf = m / (m + phi), term.copy()
+        counts = np.zeros(cols.size, dtype=np.int64)
+        active = np.arange(cols.size)
+        for k in range(NB_INVERSION_STEPS):
+            term = term * (k + phi) / (k + 1) * q[active]
+            cdf = cdf + term
+            done = u[active] <= cdf
+            counts[active[done]] = k + 1
+            keep = ~done
+            active, term, cdf = active[keep], term[keep], cdf[keep]
+            if not active.size:
+                break
+        for i in active:  # (practically never) beyond the recursion's reach
+            draw = 0
+            while draw == 0:
+                draw = rng.poisson(rng.gamma(phi, m[i] / phi))
+            counts[i] = draw
+        return cols, counts
+
     def block(self, b: int, *, values: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(nnz per row, column indices, values or None) of block b, identical every call."""
+        if self.model == "nb":
+            rng = np.random.default_rng([self.seed, 5, b])
+            rows = [self._nb_row(rng, g) for g in self.rows(b)]
+            counts = np.array([len(c) for c, _ in rows], dtype=np.int64)
+            columns = np.concatenate([c for c, _ in rows]) if rows else np.empty(0, np.int64)
+            data = np.concatenate([v for _, v in rows]).astype(self.dtype) if values else None
+            return counts, columns, data
         rng = np.random.default_rng([self.seed, 2, b])
         cols = [self._columns(rng, float(self.p[g])) for g in self.rows(b)]
         counts = np.array([len(c) for c in cols], dtype=np.int64)
@@ -191,7 +247,16 @@ def write_inputs(args: argparse.Namespace, inputs: Path, log) -> dict[str, Any]:
         log=log,
     )
     npz_bytes = (inputs / "counts.npz").stat().st_size
+    if screen.model == "nb":  # the truth the fit is scored against
+        np.savez(
+            inputs / "truth.npz",
+            cell_lines=np.array(CELL_LINES),
+            effects=screen.effects,
+            mu=screen.mu,
+            o_y=screen.o_y,
+        )
     return {
+        "model": screen.model,
         "n_cells": args.cells,
         "n_ntc_cells": args.ntc,
         "n_genes": args.genes,
@@ -225,5 +290,5 @@ def write_inputs(args: argparse.Namespace, inputs: Path, log) -> dict[str, Any]:
 def inputs_key(args: argparse.Namespace) -> dict[str, Any]:
     """What the inputs depend on (to reuse them from an earlier run in --workdir)."""
     keys = ("cells", "ntc", "genes", "density", "zero_genes", "targets", "seed", "dtype")
-    keys += ("stored", "compresslevel", "gen_block", "shuffle_cells")
+    keys += ("stored", "compresslevel", "gen_block", "shuffle_cells", "model")
     return {k: getattr(args, k) for k in keys}

@@ -21,7 +21,7 @@ from bayesdream_model.distributions.base import (
     OutputSpec,
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
-from bayesdream_model.distributions.log1p_table import GroupLog1p, log1p_table
+from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
@@ -46,10 +46,18 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     sf = np.asarray(data.sum_factor, dtype=np.float64)
     order = np.argsort(groups, kind="stable")
     bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
-    arrays = _entry_arrays(y, groups, sf, data.n_groups)
+    arrays = _entry_arrays(y)
     arrays |= log1p_table(sf[order], bounds, data.sf_range)
     x_range = tuple(float(v) for v in arrays["sf_grid"][2:4])
-    arrays |= weighted_log1p_table(y, groups, sf, data.n_groups, x_range)
+    arrays |= weighted_log1p_table(
+        y, groups, sf, data.n_groups, x_range, inverse_powers=EPS_TERMS
+    )
+    moments = arrays["yl_moments"]  # [C, M, T]: Σ y, Σ y log sf, Σ y sf^k, Σ y sf^-k
+    arrays["group_totals"] = moments[:, 0]
+    inverse = moments[:, 2 + POWERS : 2 + POWERS + EPS_TERMS].transpose(1, 0, 2)  # [K, C, T]
+    signs = np.array([(-1.0) ** (k + 1) / k for k in range(1, EPS_TERMS + 1)])
+    arrays["eps_weights"] = signs[:, None, None] * inverse  # (-1)^(k+1) / k Σ y / sf^k
+    arrays["constant"] = arrays["constant"] + moments[:, 1].sum()  # Σ y log sf (y log mu)
     arrays["sf_floor"] = _floors(sf[order], bounds)
     exact = {"pair_feature": torch.int64}
     return {
@@ -58,41 +66,26 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     }
 
 
-def _entry_arrays(
-    y: SparseCounts, groups: np.ndarray, sf: np.ndarray, n_groups: int
-) -> dict[str, np.ndarray]:
-    """The per-entry sums, one run of columns at a time (the temporaries stay small next to
-    the entries themselves)."""
+def _entry_arrays(y: SparseCounts) -> dict[str, np.ndarray]:
+    """The (feature, value) histogram and -Σ lgamma(y + 1), one run of columns at a time
+    (the temporaries stay small next to the entries themselves)."""
     n_features = y.shape[1]
-    out = {
-        "group_totals": np.zeros((n_features, n_groups)),
-        "eps_weights": np.zeros((EPS_TERMS, n_features, n_groups)),
-    }
-    pairs, counts, constant = [], [], 0.0
+    pairs, counts = [], []
     for lo, hi in _column_runs(y.indptr, ENTRY_CHUNK):
         span = slice(y.indptr[lo], y.indptr[hi])
         local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
-        rows, values = y.rows[span], y.values[span].astype(np.float64)
-        key = local * n_groups + groups[rows]
-        width = (hi - lo) * n_groups
-        out["group_totals"][lo:hi] = np.bincount(key, values, width).reshape(hi - lo, -1)
-        for k in range(1, EPS_TERMS + 1):  # (-1)^(k+1) / k Σ y / sf^k per (g, t)
-            weights = values * ((-1.0) ** (k + 1) / k) / sf[rows] ** k
-            out["eps_weights"][k - 1, lo:hi] = np.bincount(key, weights, width).reshape(hi - lo, -1)
-        run_pairs, run_counts = _value_histogram(local, values, hi - lo)
+        run_pairs, run_counts = _value_histogram(local, y.values[span].astype(np.float64), hi - lo)
         run_pairs[0] += lo
         pairs.append(run_pairs)
         counts.append(run_counts)
-        constant += float(values @ np.log(sf[rows]))  # Σ_n log sf_n Σ_t y_nt of y log mu
+    out = {}
     out["pair_feature"], out["pair_value"] = np.concatenate([np.zeros((2, 0)), *pairs], axis=1)
     out["pair_count"] = np.concatenate([np.zeros(0), *counts])
     lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
-    out["constant"] = np.float64(constant - out["pair_count"] @ lgamma_y1)
+    out["constant"] = np.float64(-(out["pair_count"] @ lgamma_y1))
     out |= _small_pairs(
         out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"), n_features
     )
-    out["group_totals"] = out["group_totals"].T  # [C, T]
-    out["eps_weights"] = out["eps_weights"].transpose(0, 2, 1)  # [K, C, T]
     return out
 
 
@@ -211,7 +204,7 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         ((n_cells * phi + totals.sum(0)) * torch.log1p(LOG_EPS / (phi + LOG_EPS))).sum()
         + (phi * table).sum()
         + WeightedLog1p.apply(
-            x, totals, stats["sf_grid"], stats["yl_nodes"], stats["yl_grid"], stats["yl_moments"]
+            x, stats["sf_grid"], stats["yl_nodes"], stats["yl_grid"], stats["yl_moments"]
         )
     )
     # per pair, not lgamma(φ) once per feature: near the Poisson limit the pair's

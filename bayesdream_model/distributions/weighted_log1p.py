@@ -47,14 +47,23 @@ def lattice(x_low: float, x_high: float) -> np.ndarray:
 
 
 def weighted_log1p_table(
-    y: SparseCounts, groups: np.ndarray, sf: np.ndarray, n_groups: int, x_range: tuple
+    y: SparseCounts,
+    groups: np.ndarray,
+    sf: np.ndarray,
+    n_groups: int,
+    x_range: tuple[float, float],
+    *,
+    inverse_powers: int = INVERSE_POWERS,
 ) -> dict[str, np.ndarray]:
     """The tables of every (g, t): `yl_nodes` [C, T, K, 3] (H, H', H'' in s at the nodes),
-    `yl_grid` [2] (first node's s, STEP) and `yl_moments` [C, 1 + POWERS + INVERSE_POWERS, T]
-    (Σ y log sf, Σ y sf^k, Σ y sf^-k, the series' coefficients; Σ y is `group_totals`)."""
+    `yl_grid` [2] (first node's s, STEP) and `yl_moments` [C, 2 + POWERS + P, T]: Σ y,
+    Σ y log sf, Σ y sf^k (k = 1..POWERS) and Σ y sf^-k (k = 1..P, P = `inverse_powers`
+    >= INVERSE_POWERS): the series' coefficients, and the totals the rest of the
+    likelihood reads, from the same product."""
     s_nodes = lattice(*x_range)
     n_nodes, n_features = len(s_nodes), y.shape[1]
-    columns = 3 * n_nodes + 1 + POWERS + INVERSE_POWERS
+    inverse_powers = max(inverse_powers, INVERSE_POWERS)
+    columns = 3 * n_nodes + 2 + POWERS + inverse_powers
     out = np.zeros((n_groups, n_features, columns))
     members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     width = max(1, BLOCK_BYTES // max(1, 8 * y.shape[0]))
@@ -63,7 +72,7 @@ def weighted_log1p_table(
         for g, rows in enumerate(members):
             for lo in range(0, len(rows), CELL_CHUNK):
                 part = rows[lo : lo + CELL_CHUNK]
-                cells = _cell_columns(sf[part], s_nodes)
+                cells = _cell_columns(sf[part], s_nodes, inverse_powers)
                 product = counts[torch.from_numpy(part)].T @ cells  # [w, columns]
                 out[g, start : start + block.shape[1]] += product.numpy()
     nodes = out[..., : 3 * n_nodes].reshape(n_groups, n_features, 3, n_nodes)
@@ -74,25 +83,26 @@ def weighted_log1p_table(
     }
 
 
-def _cell_columns(sf: np.ndarray, s_nodes: np.ndarray) -> torch.Tensor:
-    """[cells, 3K + 1 + POWERS + INVERSE_POWERS]: log1p(a), a/(1+a), a/(1+a)² at every node
-    (a = sf e^s), then log sf, sf^k, sf^-k: what a count multiplies in each sum."""
+def _cell_columns(sf: np.ndarray, s_nodes: np.ndarray, inverse_powers: int) -> torch.Tensor:
+    """[cells, 3K + 2 + POWERS + P]: log1p(a), a/(1+a), a/(1+a)² at every node (a = sf e^s),
+    then 1, log sf, sf^k, sf^-k: what a count multiplies in each sum."""
     sf = torch.from_numpy(np.asarray(sf, dtype=np.float64))[:, None]
     a = sf * torch.from_numpy(np.exp(s_nodes))[None]
     ratio = a / (1.0 + a)
     powers = sf ** torch.arange(1, POWERS + 1, dtype=torch.float64)
-    inverse = sf ** -torch.arange(1, INVERSE_POWERS + 1, dtype=torch.float64)
-    parts = [torch.log1p(a), ratio, ratio / (1.0 + a), torch.log(sf), powers, inverse]
+    inverse = sf ** -torch.arange(1, inverse_powers + 1, dtype=torch.float64)
+    ones = torch.ones_like(sf)
+    parts = [torch.log1p(a), ratio, ratio / (1.0 + a), ones, torch.log(sf), powers, inverse]
     return torch.cat(parts, dim=1)
 
 
-def evaluate_weighted(
-    x: torch.Tensor, totals: torch.Tensor, stats: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """H_gt(x) and dH/dx for x [C, T] > 0 (float64); `totals` [C, T]: Σ y per (g, t)."""
+def evaluate_weighted(x: torch.Tensor, stats: dict[str, torch.Tensor]):
+    """H_gt(x) and dH/dx for x [C, T] > 0 (float64)."""
     x_low, x_high = stats["sf_grid"][2], stats["sf_grid"][3]
     moments = stats["yl_moments"]
-    log_sf, power, inverse = moments[:, 0], moments[:, 1 : 1 + POWERS], moments[:, 1 + POWERS :]
+    totals, log_sf = moments[:, 0], moments[:, 1]
+    power = moments[:, 2 : 2 + POWERS]
+    inverse = moments[:, 2 + POWERS : 2 + POWERS + INVERSE_POWERS]
     value, slope = _interpolated(x.clamp(x_low, x_high), stats)
     below, above = x <= x_low, x >= x_high
     on_gpu = x.device.type != "cpu"  # as in log1p_table.evaluate: no host sync on a GPU
@@ -129,13 +139,13 @@ class WeightedLog1p(torch.autograd.Function):
     """Σ_{g,t} H_gt(x_gt) for x [C, T], with dH/dx kept from the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, totals, sf_grid, yl_nodes, yl_grid, yl_moments):  # noqa: D102
+    def forward(ctx, x, sf_grid, yl_nodes, yl_grid, yl_moments):  # noqa: D102
         stats = {"sf_grid": sf_grid, "yl_nodes": yl_nodes, "yl_grid": yl_grid}
-        value, slope = evaluate_weighted(x, totals, stats | {"yl_moments": yl_moments})
+        value, slope = evaluate_weighted(x, stats | {"yl_moments": yl_moments})
         ctx.save_for_backward(slope)
         return value.sum()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (slope,) = ctx.saved_tensors
-        return grad * slope, None, None, None, None, None
+        return grad * slope, None, None, None, None

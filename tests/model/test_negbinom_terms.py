@@ -103,7 +103,7 @@ def test_weighted_table_equals_the_direct_sum(
     x = torch.as_tensor(np.exp(rng.uniform(np.log(1e-9), np.log(1e9), (3, 40))))
     _, _, x_low, x_high = stats["sf_grid"]
     x[:, 1:5] = torch.stack([x_low, x_high, x_low * (1 + 1e-12), x_high * (1 - 1e-12)])
-    value, slope = weighted_log1p.evaluate_weighted(x, stats["group_totals"], stats)
+    value, slope = weighted_log1p.evaluate_weighted(x, stats)
     leaf = x.clone().requires_grad_()
     a = torch.as_tensor(sf).double()[:, None] * leaf[groups]
     counts, index = torch.as_tensor(y).double(), torch.as_tensor(groups)
