@@ -43,7 +43,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import MIB, RssSampler, cpu_model, load_average, mb, ru_maxrss_bytes  # noqa: E402
+from machine import (  # noqa: E402
+    MIB,
+    RssSampler,
+    cpu_model,
+    load_average,
+    mb,
+    ru_maxrss_bytes,
+    vm_hwm_bytes,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "h5ad_ingest.json"
 RUNS = {  # run -> (counts file, cells table, layer)
@@ -122,14 +130,6 @@ def write_inputs(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 # --- one ingestion (worker) --------------------------------------------------------------
-def vm_hwm_bytes() -> int | None:
-    """This process's own peak RSS (VmHWM; reset at exec, unlike ru_maxrss)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def run_config(folder: Path, run: str):
     from tasks.config import config_from_dict
 

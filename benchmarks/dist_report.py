@@ -105,7 +105,7 @@ def print_report(report: dict[str, Any]) -> None:
         guide = flow.get("guide") or (so or {}).get("guide") or "-"
         threads = (so or {}).get("threads") or flow.get("torch_threads_after_flow")
         wall = flow.get("flow_call_seconds") if ok else flow.get("status", "-")
-        rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0) if ok else None
+        rss = max(flow.get("rss_peak_mb") or 0, flow.get("vm_hwm_mb") or 0) if ok else None
         print(
             f"  {row['distribution']:<11} {guide:<14} {fmt(threads, 'd'):>3} "
             f"{steps_cell(so):>9} {steps_cell(sd):>9} {fmt(row.get('speedup'), '.1f'):>7} "
@@ -178,7 +178,7 @@ def print_peer(report: dict[str, Any]) -> None:
         theirs = peer["recovery"]
         print("\n== peer: PyDESeq2 (~cell_line, the same size factors, one core) " + "=" * 16)
         print(f"  {'':<10} {'fit s':>8} {'RSS MB':>8} {'corr':>8} {'RMSE':>7} {'cov90':>6}")
-        rss = max(flow.get("rss_peak_mb") or 0, flow.get("ru_maxrss_mb") or 0)
+        rss = max(flow.get("rss_peak_mb") or 0, flow.get("vm_hwm_mb") or 0)
         fit_wall = fit_stage_seconds(flow)
         print(
             f"  {'ours':<10} {fmt(fit_wall):>8} {fmt(rss, '.0f'):>8} "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import RssSampler, load_average, mb, ru_maxrss_bytes
+from machine import RssSampler, load_average, mb, vm_hwm_bytes
 
 FLOW_STAGES = (
     "preflight",
@@ -132,7 +132,7 @@ def worker_steps(args: argparse.Namespace) -> dict[str, Any]:
         "total_seconds": round(t1 - t0, 2),
         "final_loss": float(fitted.svi.losses[-1]),
         "rss_peak_mb": mb(rss.peak(t0, t1)),
-        "ru_maxrss_mb": mb(ru_maxrss_bytes()),
+        "vm_hwm_mb": mb(vm_hwm_bytes()),  # own peak (ru_maxrss is inherited at exec)
         "load_average_at_end": load_average(),
     }
 
@@ -200,6 +200,6 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
         "sampling_batch_size": int(attrs["sampling_batch_size"]),
         "torch_threads_after_flow": torch.get_num_threads(),
         "rss_peak_mb": mb(rss.peak(t0, t1)),
-        "ru_maxrss_mb": mb(ru_maxrss_bytes()),
+        "vm_hwm_mb": mb(vm_hwm_bytes()),  # own peak (ru_maxrss is inherited at exec)
         "load_average_at_end": load_average(),
     }

@@ -16,25 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import RssSampler, load_average, mb, ru_maxrss_bytes
+from machine import RssSampler, load_average, mb, ru_maxrss_bytes, vm_hwm_bytes
 from screen_writer import write_inputs
 
 MODALITY = "gene"
-
-
-def vm_hwm_bytes() -> int | None:
-    """This process's own RSS high-water mark (VmHWM, reset at exec; Linux only).
-
-    `ru_maxrss` is not reset at exec: a child starts from the high-water mark of the
-    process it was spawned from, which is why the parent of the workers stays lean.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def cpu_seconds() -> float:

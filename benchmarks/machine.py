@@ -18,6 +18,22 @@ def ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def vm_hwm_bytes() -> int | None:
+    """This process's own RSS high-water mark (VmHWM, reset at exec; Linux only).
+
+    `ru_maxrss` is not reset at exec: a child starts from the high-water mark of the
+    process it was spawned from (an orchestrator that simulated a large screen), so a
+    worker's own peak is read here.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages."""
     try:

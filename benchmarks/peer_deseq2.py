@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import RssSampler, mb, ru_maxrss_bytes
+from machine import RssSampler, mb, vm_hwm_bytes
 
 Z90 = 1.6448536269514722
 
@@ -85,7 +85,7 @@ def worker_deseq2(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "status": "ok",
         "seconds": round(seconds, 2),
-        "peak_rss_mb": mb(max(rss.peak() or 0, ru_maxrss_bytes())),
+        "peak_rss_mb": mb(max(rss.peak() or 0, vm_hwm_bytes() or 0)),  # own peak, not inherited
         "recovery": wald_recovery(lfc, se, truth[1:]),
     }
 
