@@ -46,7 +46,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     sf = np.asarray(data.sum_factor, dtype=np.float64)
     order = np.argsort(groups, kind="stable")
     bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
-    arrays = _entry_arrays(y)
+    arrays = _value_histograms(y)
     arrays |= log1p_table(sf[order], bounds, data.sf_range)
     x_range = tuple(float(v) for v in arrays["sf_grid"][2:4])
     arrays |= weighted_log1p_table(
@@ -66,7 +66,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     }
 
 
-def _entry_arrays(y: SparseCounts) -> dict[str, np.ndarray]:
+def _value_histograms(y: SparseCounts) -> dict[str, np.ndarray]:
     """The (feature, value) histogram and -Σ lgamma(y + 1), one run of columns at a time
     (the temporaries stay small next to the entries themselves)."""
     n_features = y.shape[1]
