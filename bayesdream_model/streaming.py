@@ -90,9 +90,14 @@ def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:
     axis = -2 if family.spec.is_3d else -1
     priors: list[dict] = []
     inits: list[dict] = []
+    done, next_report = 0, source.n_features / 10  # progress: about ten lines
     for block in source.feature_blocks():
         priors.append(family.prior_inputs(block))
         inits.append(family.initial_values(block))
+        done += block.n_features
+        if done >= next_report or done == source.n_features:
+            log.info("priors of features 1-%d of %d computed", done, source.n_features)
+            next_report = done + source.n_features / 10
     return _concat(priors, axis), _concat(inits, axis)
 
 
@@ -112,10 +117,13 @@ def merged_tensors(family: Family, source: CellSource, device) -> FitTensors | N
     if not family.mergeable:
         return None
     merged: dict[str, torch.Tensor] | None = None
+    every = max(1, source.n_batches // 10)  # progress: about ten lines
     for index in range(source.n_batches):
         part = family.tensors(source.read_batch(index), "cpu").stats
         merged = part if merged is None else family.merge_stats(merged, part)
-        log.debug("statistics of cell batch %d/%d merged", index + 1, source.n_batches)
+        done = index + 1
+        if done % every == 0 or done == source.n_batches:
+            log.info("statistics of cell batch %d/%d merged", done, source.n_batches)
     return FitTensors(
         y=torch.empty(0, device=device),
         groups=torch.empty(0, dtype=torch.int64, device=device),
