@@ -112,22 +112,32 @@ def _moments(group: np.ndarray) -> np.ndarray:
 def evaluate(x: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """F_g(x) and dF_g/dx for x [C, T] > 0 (float64), group g = row."""
     start, step, x_low, x_high = stats["sf_grid"].unbind()
-    moments = stats["sf_moments"].unsqueeze(-1)  # [C, M, 1]
+    inside = _interpolated(x.clamp(x_low, x_high), stats["sf_coef"], start, step)
+    return with_series(x, inside, x_low, x_high, stats["sf_moments"].unsqueeze(-1))
+
+
+def with_series(
+    x: torch.Tensor, inside: tuple[torch.Tensor, torch.Tensor], x_low, x_high, moments
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, slope) of the table `inside` [x_low, x_high], replaced below x_low by the
+    power series and above x_high by the asymptotic one, from `moments` [C, M, T or 1]
+    (count, Σ log sf, Σ sf^k for k = 1..POWERS, Σ sf^-k for k = 1..INVERSE_POWERS, each
+    weighted alike)."""
     count, log_sf = moments[:, 0], moments[:, 1]
     power = moments[:, 2 : 2 + POWERS]
-    inverse = moments[:, 2 + POWERS :]
-    value, slope = _interpolated(x.clamp(x_low, x_high), stats["sf_coef"], start, step)
+    inverse = moments[:, 2 + POWERS : 2 + POWERS + INVERSE_POWERS]
+    value, slope = inside
     below, above = x <= x_low, x >= x_high
     # a series only where some x needs it (asked on a CPU only: on a GPU the question is a
     # device-to-host sync, and evaluating both series costs less than it)
     on_gpu = x.device.type != "cpu"
     if on_gpu or bool(below.any()):
-        low = power_series(x.clamp(max=x_low), power)
+        low = _power_series(x.clamp(max=x_low), power)
         value, slope = (
             torch.where(below, lo, mid) for lo, mid in zip(low, (value, slope), strict=True)
         )
     if on_gpu or bool(above.any()):
-        high = asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
+        high = _asymptotic_series(x.clamp(min=x_high), count, log_sf, inverse)
         value, slope = (
             torch.where(above, hi, mid) for hi, mid in zip(high, (value, slope), strict=True)
         )
@@ -147,7 +157,7 @@ def _interpolated(x, coef, start, step):
     return value, slope / x
 
 
-def power_series(x, power):
+def _power_series(x, power):
     """Σ_k (-1)^(k+1) x^k Σ sf^k / k and its derivative (k = 1..POWERS), by Horner."""
     value = torch.zeros_like(x)
     slope = torch.zeros_like(x)
@@ -158,7 +168,7 @@ def power_series(x, power):
     return value, slope
 
 
-def asymptotic_series(x, count, log_sf, inverse):
+def _asymptotic_series(x, count, log_sf, inverse):
     """N log x + Σ log sf + Σ_k (-1)^(k+1) Σ sf^-k / (k x^k) and its derivative."""
     z = 1.0 / x
     tail = torch.zeros_like(x)

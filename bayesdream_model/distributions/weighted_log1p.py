@@ -28,9 +28,8 @@ import torch
 from bayesdream_model.distributions.log1p_table import (
     INVERSE_POWERS,
     POWERS,
-    asymptotic_series,
     hermite_between,
-    power_series,
+    with_series,
 )
 from bayesdream_model.sparse import SparseCounts
 
@@ -99,24 +98,8 @@ def _cell_columns(sf: np.ndarray, s_nodes: np.ndarray, inverse_powers: int) -> t
 def evaluate_weighted(x: torch.Tensor, stats: dict[str, torch.Tensor]):
     """H_gt(x) and dH/dx for x [C, T] > 0 (float64)."""
     x_low, x_high = stats["sf_grid"][2], stats["sf_grid"][3]
-    moments = stats["yl_moments"]
-    totals, log_sf = moments[:, 0], moments[:, 1]
-    power = moments[:, 2 : 2 + POWERS]
-    inverse = moments[:, 2 + POWERS : 2 + POWERS + INVERSE_POWERS]
-    value, slope = _interpolated(x.clamp(x_low, x_high), stats)
-    below, above = x <= x_low, x >= x_high
-    on_gpu = x.device.type != "cpu"  # as in log1p_table.evaluate: no host sync on a GPU
-    if on_gpu or bool(below.any()):
-        low = power_series(x.clamp(max=x_low), power)
-        value, slope = (
-            torch.where(below, lo, mid) for lo, mid in zip(low, (value, slope), strict=True)
-        )
-    if on_gpu or bool(above.any()):
-        high = asymptotic_series(x.clamp(min=x_high), totals, log_sf, inverse)
-        value, slope = (
-            torch.where(above, hi, mid) for hi, mid in zip(high, (value, slope), strict=True)
-        )
-    return value, slope
+    inside = _interpolated(x.clamp(x_low, x_high), stats)
+    return with_series(x, inside, x_low, x_high, stats["yl_moments"])
 
 
 def _interpolated(x: torch.Tensor, stats: dict[str, torch.Tensor]):
