@@ -13,9 +13,11 @@ and d²H/ds² = Σ y a/(1+a)² exact at each node (a = sf x). All of them are on
 product of the counts with per-cell functions of sf (`_cell_columns`), done in float64
 by feature blocks, so building the table costs a few hundred passes' worth of multiply-adds
 at BLAS speed. A step interpolates with the quintic Hermite polynomial that matches H, H',
-H'' at both ends of its interval: the error is O(STEP^6) of Σ y (~1e-12 relative at
-STEP = 0.1, tested against the direct float64 sum, gradients included, in every regime of
-the negbinom tests). Nodes are stored, not coefficients: [C, T, K, 3] float64.
+H'' at both ends of its interval: the error is O(STEP^6) of Σ y in value and O(STEP^5)
+in the gradient (measured at STEP = 0.2: 3e-11 of Σ y and 2e-8 relative; at 0.1: 8e-13
+and 6e-10; tested against the direct float64 sum, and the whole likelihood against the
+dense baseline in every regime of the negbinom tests). Nodes are stored, not
+coefficients: [C, T, K, 3] float64 (K ~ 70 for size factors spread over a decade).
 """
 
 from __future__ import annotations
