@@ -89,10 +89,11 @@ class Screen:
         return pos[: np.searchsorted(pos, n)]
 
     def _nb_row(self, rng: np.random.Generator, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gene g's non-zero columns and counts, drawn exactly by inversion of the NB CDF
-        with one uniform per cell (the zeros cost one comparison); the rare count the
-        recursion has not reached after NB_INVERSION_STEPS is drawn as Poisson-gamma
-        conditioned on > 0 (rejection)."""
+        """Gene g's non-zero columns and counts, drawn by inversion of the NB CDF with one
+        uniform per cell (the zeros cost one comparison): exact up to counts of
+        NB_INVERSION_STEPS. A cell the recursion has not placed by then (a tail of
+        probability far below 1e-12 at these means, or a uniform above the float64 CDF's
+        rounded sum) gets a Poisson-gamma draw conditioned on > 0 instead."""
         phi = 1.0 / self.o_y[g] ** 2
         mean = self.sum_factor * self.mu[g] * np.exp2(self.effects[self.line_code, g])
         u = rng.random(self.n_cells)
