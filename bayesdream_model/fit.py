@@ -141,7 +141,7 @@ def fit_technical(
 #: optimum) after a 50-step warm-up (not 10 % of the iteration cap, 5,000 steps), windows
 #: of 50 steps, 2 flat ones after the first, "flat" meaning within 2 standard errors, and
 #: a closing anneal of max(100 steps, 25 %) instead of 250 / 3 / 1 / max(1,000, 25 %):
-#: 300 steps at the least (on the 4,000 x 3,000 negbinom benchmark screen the posterior
+#: 250 steps at the least (on the 4,000 x 3,000 negbinom benchmark screen the posterior
 #: after the Laplace start and 2 steps already matched the one after 600)
 LAPLACE_SCHEDULE = {
     "peak_factor": 1.0,
