@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from calibration import interval_recovery  # noqa: E402
 from large_ingest_report import STAGES, TARGET_BYTES, fmt_gb, table_text  # noqa: E402
 from large_ingest_worker import MODALITY, worker  # noqa: E402
 from machine import (  # noqa: E402  (benchmarks/ on the path first)
@@ -263,16 +264,7 @@ def score_against_truth(workdir: Path) -> dict[str, Any]:
     draws = group["alpha_y_add"].get_orthogonal_selection(
         (slice(None), slice(1, None), np.flatnonzero(fitted))
     )
-    expected = effects[1:, genes]
-    mean = draws.mean(axis=0)
-    low, high = np.quantile(draws, [0.05, 0.95], axis=0)
-    return {
-        "n_effects": int(expected.size),
-        "draws": int(draws.shape[0]),
-        "correlation": round(float(np.corrcoef(mean.ravel(), expected.ravel())[0, 1]), 5),
-        "rmse": round(float(np.sqrt(((mean - expected) ** 2).mean())), 4),
-        "coverage90": round(float(((expected >= low) & (expected <= high)).mean()), 4),
-    }
+    return {**interval_recovery(draws, effects[1:, genes]), "draws": int(draws.shape[0])}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -184,14 +184,16 @@ def worker_flow(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(rec["stop"] - rec["start"], 2),
             "rss_peak_mb": mb(rss.peak(rec["start"], rec["stop"])),
         }
-    attrs = dict(zarr.open_group(store, mode="r")[f"technical/{args.dist}"].attrs)
+    root = zarr.open_group(store, mode="r")
+    attrs = dict(root[f"technical/{args.dist}"].attrs)
+    fit_attrs = dict(root[f"fit/{args.dist}"].attrs)  # the Laplace start is recorded there
     return {
         "store": store,
         "config_fit": config["fit"],
         "flow_call_seconds": round(t1 - t0, 2),
         "stages": stages,
         "fit_seconds": round(float(attrs["fit_seconds"]), 2),
-        "laplace_seconds": attrs.get("laplace_seconds"),
+        "laplace_seconds": fit_attrs.get("laplace_seconds"),
         "sampling_seconds": round(float(attrs["sampling_seconds"]), 2),
         "niters_run": int(attrs["niters_run"]),
         "stop_reason": attrs["stop_reason"],

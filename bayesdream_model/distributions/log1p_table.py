@@ -60,7 +60,7 @@ def log1p_table(
     coef, moments = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         group = sf[lo:hi]
-        coef.append(np.stack(hermite_coefficients(*_log1p_sums(group, nodes), step), axis=1))
+        coef.append(np.stack(_hermite_coefficients(*_log1p_sums(group, nodes), step), axis=1))
         moments.append(_moments(group))
     return {
         "sf_grid": np.array([start, step, x_low, x_high]),
@@ -82,7 +82,7 @@ def _log1p_sums(group: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, ...]:
     return value, first, second
 
 
-def hermite_coefficients(value, first, second, step: float) -> tuple:
+def _hermite_coefficients(value, first, second, step: float) -> tuple:
     """On each interval the quintic in r = s - s_k that matches value, first and second
     derivative at both ends (c0..c5, lowest power first), from G, G', G'' at the nodes [K]
     (numpy or torch)."""
