@@ -106,6 +106,7 @@ def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray, n_fe
 
 
 SMALL_VALUES = 16
+GRIDS = ("sf_grid", "yl_grid")  # the tables' grids: equal in statistics that merge
 
 
 def _joined_pairs(feature: torch.Tensor, value: torch.Tensor, count: torch.Tensor) -> dict:
@@ -186,8 +187,8 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
                                + Σ_{g,t} H_gt(x_gt)               (H_gt tabulated: y > 0).
 
     Everything runs in float64 on [C, T] (near the Poisson limit, φ ~ 1e5, the dispersion
-    gradient is a difference of terms 1e5 times larger than itself). Exact but for one bound: where ε/μ > 0.1 (μ < 1e-7) the
-    series in ε/μ stops at its value for μ = 1e-7.
+    gradient is a difference of terms 1e5 times larger than itself). Exact but for one
+    bound: where ε/μ > 0.1 (μ < 1e-7) the series in ε/μ stops at its value for μ = 1e-7.
     """
     mu_ntc, dtype = params["mu_ntc"].double(), params["mu_ntc"].dtype
     phi = 1.0 / params["o_y"].double() ** 2  # [T]
@@ -288,10 +289,10 @@ class NegBinom(Family):
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """Sums over cells add (tables too: batches share one grid, `FitArrays.sf_range`);
         the y log1p(ε/μ) floor is the largest; value histograms are joined."""
-        for key in ("sf_grid", "yl_grid"):
+        for key in GRIDS:
             if not torch.equal(a[key], b[key]):
                 raise ModelError(f"negbinom statistics on different grids ({key}) cannot merge")
-        out = {k: v for k, v in a.items() if k in ("sf_grid", "yl_grid")}
+        out = {key: a[key] for key in GRIDS}
         out["sf_floor"] = torch.maximum(a["sf_floor"], b["sf_floor"])
         pairs = ("pair_feature", "pair_value", "pair_count")
         out |= _joined_pairs(*(torch.cat([a[k], b[k]]) for k in pairs))
