@@ -190,8 +190,17 @@ def print_peer(report: dict[str, Any]) -> None:
             f"{fmt(theirs.get('corr'), '.5f'):>8} {fmt(theirs.get('rmse'), '.3f'):>7} "
             f"{fmt(theirs.get('coverage90'), '.3f'):>6}"
         )
+        bound = (row.get("data") or {}).get("cramer_rao_rmse")
+        print(f"  {'bound':<10} {'':>8} {'':>8} {'':>8} {fmt(bound, '.3f'):>7}")
         rmse_ratio = (ours.get("rmse") or 0) / theirs["rmse"] if theirs.get("rmse") else None
         print(
             f"  PyDESeq2 fit s / ours: {fmt(row.get('peer_speedup'), '.2f')}x; our RMSE / "
             f"theirs: {fmt(rmse_ratio, '.2f')} (target: >= 2x faster, RMSE <= 0.5)"
         )
+        if bound and theirs.get("rmse"):
+            print(
+                f"  bound = RMSE of an efficient unbiased estimator (Cramér-Rao, true means and "
+                f"dispersions): ours / bound {fmt(ours.get('rmse', 0) / bound, '.2f')}, "
+                f"PyDESeq2 / bound {fmt(theirs['rmse'] / bound, '.2f')}; RMSE <= 0.5 x "
+                f"PyDESeq2's is {fmt(0.5 * theirs['rmse'] / bound, '.2f')} x the bound"
+            )

@@ -150,11 +150,23 @@ def _interpolated(x, coef, start, step):
     # a NaN x (diverging parameters) stays NaN through r, but must not become an index
     k = ((s - start) / step).floor().nan_to_num(0.0).clamp(0, coef.shape[1] - 1)
     r = s - (start + k * step)
-    index = k.long().unsqueeze(-1).expand(*k.shape, coef.shape[-1])
-    c = coef.gather(1, index).unbind(-1)  # six [C, T]
+    c = node_rows(coef, k.long()).unbind(-1)  # six [C, T]
     value = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
     slope = c[1] + r * (2 * c[2] + r * (3 * c[3] + r * (4 * c[4] + r * 5 * c[5])))
     return value, slope / x
+
+
+def node_rows(table: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """table[i, ..., k[i, j], :] for a table [C, (T,) K, W] and node indices k [C, T]: one
+    row gather of the table flattened to [rows, W] (a `gather` along K with an expanded
+    index costs ~3x more on a CPU)."""
+    n_groups, n_nodes, width = table.shape[0], table.shape[-2], table.shape[-1]
+    if table.dim() == 3:  # per group: the same K nodes for every feature
+        offset = torch.arange(n_groups, device=k.device)[:, None] * n_nodes
+    else:  # per (group, feature)
+        offset = torch.arange(k.numel(), device=k.device).view(k.shape) * n_nodes
+    rows = (offset + k).reshape(-1)
+    return table.reshape(-1, width).index_select(0, rows).view(*k.shape, width)
 
 
 def _power_series(x, power):

@@ -22,6 +22,7 @@ from bayesdream_model.distributions.base import (
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
+from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
@@ -93,7 +94,7 @@ def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray, n_fe
     """The histogram split: integer values 1..SMALL_VALUES, whose lgamma(φ + v) - lgamma(φ)
     = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature (`small_count`
     [T, SMALL_VALUES]: how many cells of feature t have the count v + 1), and the rest
-    (`pair_feature`, `pair_value`, `pair_count`), through lgamma."""
+    (`pair_feature`, `pair_value`, `pair_count`), through `shifted_lgamma`."""
     small = (value == np.round(value)) & (value >= 1) & (value <= SMALL_VALUES)
     index = (feature[small] * SMALL_VALUES + value[small] - 1).astype(np.int64)
     table = np.bincount(index, count[small], minlength=n_features * SMALL_VALUES)
@@ -208,10 +209,6 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
             x, stats["sf_grid"], stats["yl_nodes"], stats["yl_grid"], stats["yl_moments"]
         )
     )
-    # per pair, not lgamma(φ) once per feature: near the Poisson limit the pair's
-    # difference digamma(φ + y) - digamma(φ) must be formed before it is summed
-    phi_pair = phi.index_select(0, stats["pair_feature"])
-    lgammas = torch.lgamma(phi_pair + stats["pair_value"]) - torch.lgamma(phi_pair)
     steps = torch.arange(SMALL_VALUES, dtype=phi.dtype, device=phi.device)
     rising = torch.cumsum(torch.log(phi[:, None] + steps), dim=1)  # Σ_{i<v} log(φ + i)
     total = (
@@ -219,7 +216,9 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
         + (totals * log_m).sum()
         + _eps_series(m, stats)
-        + (stats["pair_count"] * lgammas).sum()
+        + shifted_lgamma_sum(
+            phi, stats["pair_feature"], stats["pair_value"], stats["pair_count"]
+        )
         + (stats["small_count"] * rising).sum()
         + stats["constant"]
     )

@@ -31,6 +31,7 @@ from bayesdream_model.distributions.log1p_table import (
     INVERSE_POWERS,
     POWERS,
     hermite_between,
+    node_rows,
     with_series,
 )
 from bayesdream_model.sparse import SparseCounts
@@ -120,9 +121,9 @@ def _interpolated(x: torch.Tensor, stats: dict[str, torch.Tensor]):
     s = torch.log(x)
     k = ((s - start) / step).floor().nan_to_num(0.0).clamp(0, nodes.shape[2] - 2)
     r = s - (start + k * step)
-    index = k.long()[..., None, None].expand(*k.shape, 1, 3)
-    left = nodes.gather(2, index).squeeze(2).unbind(-1)  # H, H', H'' at s_k: three [C, T]
-    right = nodes.gather(2, index + 1).squeeze(2).unbind(-1)
+    index = k.long()
+    left = node_rows(nodes, index).unbind(-1)  # H, H', H'' at s_k: three [C, T]
+    right = node_rows(nodes, index + 1).unbind(-1)
     c = hermite_between(*(v for pair in zip(left, right, strict=True) for v in pair), step)
     value = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
     slope = c[1] + r * (2 * c[2] + r * (3 * c[3] + r * (4 * c[4] + r * 5 * c[5])))
