@@ -96,7 +96,10 @@ def fit_modality(
     log.info("Modality '%s': %s", name, plan.reason)
     if plan.stream:
         data = StoreCells(root, name, groups, features, batch_cells=plan.batch_cells)
-        how = f"streamed in {data.n_batches} batches of <= {plan.batch_cells} cells"
+        how = (
+            f"read in {data.n_batches} batches of <= {plan.batch_cells} cells, "
+            + ("their statistics merged" if family.mergeable else "one batch per step")
+        )
     else:
         if data is None:
             data = read_fit_arrays(root, name, groups, features=features)
