@@ -33,9 +33,7 @@ def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "sum_factor": s.sum_factor,
             "effects": s.log2_alpha,
             "denominator": None,
-            "cramer_rao_rmse": cramer_rao_rmse(
-                s.mu, s.phi, s.log2_alpha, s.sum_factor, s.groups
-            ),
+            "cramer_rao_rmse": cramer_rao_rmse(s.mu, s.phi, s.log2_alpha, s.sum_factor, s.groups),
         }
     if name == "binomial":
         s = sim.simulate_binomial(**size, effect_sd=args.effect_sd, seed=args.seed)
@@ -129,11 +127,7 @@ def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str,
         "nonzero_fraction": round(float(np.count_nonzero(y)) / y.size, 4),
         "simulate_seconds": round(t_sim, 2),
         "write_seconds": round(time.perf_counter() - t0, 2),
-        **(
-            {"cramer_rao_rmse": round(screen["cramer_rao_rmse"], 4)}
-            if "cramer_rao_rmse" in screen
-            else {}
-        ),
+        "cramer_rao_rmse": round(screen["cramer_rao_rmse"], 4) if name == "negbinom" else None,
     }
 
 

@@ -156,17 +156,20 @@ def _interpolated(x, coef, start, step):
     return value, slope / x
 
 
-def node_rows(table: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """table[i, ..., k[i, j], :] for a table [C, (T,) K, W] and node indices k [C, T]: one
-    row gather of the table flattened to [rows, W] (a `gather` along K with an expanded
-    index costs ~3x more on a CPU)."""
+def node_rows(table: torch.Tensor, k: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """table[i, ..., k[i, j] + c, :] for c < `count`, a table [C, (T,) K, W] and node
+    indices k [C, T]: [count, C, T, W] (squeezed when count is 1) from one row gather of
+    the table flattened to [rows, W] (a `gather` along K with an expanded index costs ~3x
+    more on a CPU)."""
     n_groups, n_nodes, width = table.shape[0], table.shape[-2], table.shape[-1]
     if table.dim() == 3:  # per group: the same K nodes for every feature
         offset = torch.arange(n_groups, device=k.device)[:, None] * n_nodes
     else:  # per (group, feature)
         offset = torch.arange(k.numel(), device=k.device).view(k.shape) * n_nodes
     rows = (offset + k).reshape(-1)
-    return table.reshape(-1, width).index_select(0, rows).view(*k.shape, width)
+    rows = torch.cat([rows + c for c in range(count)]) if count > 1 else rows
+    out = table.reshape(-1, width).index_select(0, rows).view(count, *k.shape, width)
+    return out[0] if count == 1 else out
 
 
 def _power_series(x, power):

@@ -121,9 +121,8 @@ def _interpolated(x: torch.Tensor, stats: dict[str, torch.Tensor]):
     s = torch.log(x)
     k = ((s - start) / step).floor().nan_to_num(0.0).clamp(0, nodes.shape[2] - 2)
     r = s - (start + k * step)
-    index = k.long()
-    left = node_rows(nodes, index).unbind(-1)  # H, H', H'' at s_k: three [C, T]
-    right = node_rows(nodes, index + 1).unbind(-1)
+    both = node_rows(nodes, k.long(), count=2)  # H, H', H'' at s_k and s_k+1
+    left, right = both[0].unbind(-1), both[1].unbind(-1)
     c = hermite_between(*(v for pair in zip(left, right, strict=True) for v in pair), step)
     value = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
     slope = c[1] + r * (2 * c[2] + r * (3 * c[3] + r * (4 * c[4] + r * 5 * c[5])))
