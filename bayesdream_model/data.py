@@ -70,6 +70,8 @@ class FitTensors:
     #: per-group sufficient statistics for families whose likelihood depends on the data
     #: only through them (computed once, before SVI)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: what the likelihood derives from `stats` on first use and keeps (never stored)
+    memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_arrays(cls, data: FitArrays, device: torch.device | str) -> FitTensors:

@@ -21,6 +21,7 @@ from bayesdream_model.distributions.base import (
     OutputSpec,
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
+from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
 from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
 from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
@@ -172,7 +173,9 @@ def _value_histogram(
 HISTOGRAM_BINS = 1 << 23  # 64 MB of int64 counts at most
 
 
-def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+def nb_log_likelihood(
+    params: dict, stats: dict[str, torch.Tensor], lgammas: SegmentedLgamma | None = None
+) -> torch.Tensor:
     """Σ_{n,t} log NB(y; φ, logits = log(μ + ε) - log(φ + ε)), μ = m[g,t]·sf[n], m = mu·alpha.
 
     log NB = φ log(φ+ε) + y log(μ+ε) - (φ+y) log(μ+φ+2ε) + lgamma(φ+y) - lgamma(φ) - lgamma(y+1)
@@ -190,6 +193,9 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
     Everything runs in float64 on [C, T] (near the Poisson limit, φ ~ 1e5, the dispersion
     gradient is a difference of terms 1e5 times larger than itself). Exact but for one
     bound: where ε/μ > 0.1 (μ < 1e-7) the series in ε/μ stops at its value for μ = 1e-7.
+    The large values' lgamma terms come from `lgammas` (the fit's interpolants of them,
+    `lgamma_segments`, to float64 rounding in value and 1e-8 in gradient) where given,
+    else from Stirling's series pair by pair (`shifted_lgamma`).
     """
     mu_ntc, dtype = params["mu_ntc"].double(), params["mu_ntc"].dtype
     phi = 1.0 / params["o_y"].double() ** 2  # [T]
@@ -216,13 +222,25 @@ def nb_log_likelihood(params: dict, stats: dict[str, torch.Tensor]) -> torch.Ten
         - (totals.sum(0) * torch.log(phi + LOG_EPS)).sum()
         + (totals * log_m).sum()
         + _eps_series(m, stats)
-        + shifted_lgamma_sum(
-            phi, stats["pair_feature"], stats["pair_value"], stats["pair_count"]
-        )
+        + _pair_lgammas(phi, stats, lgammas)
         + (stats["small_count"] * rising).sum()
         + stats["constant"]
     )
     return total.to(dtype)
+
+
+def _pair_lgammas(phi: torch.Tensor, stats: dict, lgammas: SegmentedLgamma | None):
+    """Σ_p c_p [lgamma(φ + v_p) - lgamma(φ)] over the histogram's pairs."""
+    if lgammas is not None:
+        return lgammas(phi)
+    return shifted_lgamma_sum(phi, stats["pair_feature"], stats["pair_value"], stats["pair_count"])
+
+
+def histogram_lgammas(stats: dict[str, torch.Tensor]) -> SegmentedLgamma:
+    """The interpolants of the pairs' lgamma terms (built segment by segment on use)."""
+    n_features = stats["small_count"].shape[0]
+    pairs = (stats[k] for k in ("pair_feature", "pair_value", "pair_count"))
+    return SegmentedLgamma(*pairs, n_features)
 
 
 def _eps_series(m: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -373,8 +391,11 @@ class NegBinom(Family):
         )
 
     def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
-        """NB log-likelihood of every fit cell and feature (exact; see `nb_log_likelihood`)."""
-        pyro.factor(OBS_SITE, nb_log_likelihood(params, data.stats))
+        """NB log-likelihood of every fit cell and feature (exact; see `nb_log_likelihood`),
+        with the lgamma terms' interpolants kept in `data.memo` across evaluations."""
+        if "lgammas" not in data.memo:
+            data.memo["lgammas"] = histogram_lgammas(data.stats)
+        pyro.factor(OBS_SITE, nb_log_likelihood(params, data.stats, data.memo["lgammas"]))
 
     # -- results ----------------------------------------------------------------------
     def outputs(self) -> tuple[OutputSpec, ...]:

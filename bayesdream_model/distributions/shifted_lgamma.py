@@ -49,6 +49,12 @@ def _tails(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r * _horner(LGAMMA_COEF, r2), r2 * _horner(DIGAMMA_COEF, r2)
 
 
+def lgamma_tail(z: torch.Tensor) -> torch.Tensor:
+    """S(z) alone: lgamma(z) - [(z - 1/2) log z - z + log(2 pi)/2], z >= 16."""
+    r = 1.0 / z
+    return r * _horner(LGAMMA_COEF, r * r)
+
+
 def _rising(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_{i<16} log(φ + i) and its derivative Σ_{i<16} 1 / (φ + i), per feature."""
     shifted = phi[:, None] + torch.arange(SERIES_MIN, dtype=phi.dtype, device=phi.device)
