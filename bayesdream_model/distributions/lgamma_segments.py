@@ -43,6 +43,7 @@ from bayesdream_model.distributions.shifted_lgamma import (
 
 SEGMENT_WIDTH = 2.0  # in s = log φ
 NODES = 16
+DIRECT_PAIRS = 12  # pairs a feature below which the series pair by pair is cheaper
 
 
 def _chebyshev_nodes(dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +81,14 @@ def pair_remainders(w, shift, tail_w, value) -> torch.Tensor:
 class SegmentedLgamma:
     """Σ_p c_p [lgamma(φ_t(p) + v_p) - lgamma(φ_t(p))] (`shifted_lgamma_sum`'s sum): the
     pairs with v_p >= SERIES_MIN as in the module docstring, the rest (non-integer values
-    below) by torch.lgamma; call it with φ [T] (float64). Holds the pairs by feature, and the
-    interpolants built so far: `rows` [K, T] (segment k_low + i of feature t: its row of
-    `coef`, -1 while unbuilt), `coef` [R, NODES]."""
+    below) by torch.lgamma; call it with φ [T] (float64).
+
+    Holds the A features that have such pairs (`active`), their pairs by feature, and the
+    interpolants built so far: `rows` [K, A] int32 (segment k_low + i of active feature a:
+    its row of `coef` [R, NODES], -1 while unbuilt). Where the features have fewer than
+    DIRECT_PAIRS pairs each on average (shallow or droplet data), the series pair by pair
+    is cheaper than an interpolant's NODES-term sum, and is used instead.
+    """
 
     def __init__(
         self, feature: torch.Tensor, value: torch.Tensor, count: torch.Tensor, n_features: int
@@ -90,50 +96,47 @@ class SegmentedLgamma:
         large = value >= SERIES_MIN
         rest = ~large  # non-integer values below 16 (ambient-corrected counts): torch.lgamma
         self.rest = feature[rest], value[rest], count[rest]
-        feature, value, count = feature[large], value[large], count[large]
+        self.pairs = feature[large], value[large], count[large]
+        feature, value, count = self.pairs
         order = torch.argsort(feature, stable=True)
-        self.feature, self.value, self.count = feature[order], value[order], count[order]
-        self.n_features = n_features
-        zeros = torch.zeros(n_features, dtype=value.dtype, device=value.device)
-        self.linear = zeros.index_add(0, self.feature, self.count * self.value)  # V_t
-        self.cells = zeros.index_add(0, self.feature, self.count)  # C_t
-        per_feature = torch.bincount(self.feature, minlength=n_features)
-        self.start = torch.cumsum(per_feature, 0) - per_feature
-        self.length = per_feature
+        feature, self.value, self.count = feature[order], value[order], count[order]
+        self.active, local, length = torch.unique_consecutive(
+            feature, return_inverse=True, return_counts=True
+        )
+        self.direct = feature.numel() < DIRECT_PAIRS * self.active.numel()
+        n_active = self.active.numel()
+        zeros = torch.zeros(n_active, dtype=value.dtype, device=value.device)
+        self.linear = zeros.index_add(0, local, self.count * self.value)  # V_t
+        self.cells = zeros.index_add(0, local, self.count)  # C_t
+        self.start = torch.cumsum(length, 0) - length
+        self.length = length
         self.nodes, self.to_coef = _chebyshev_nodes(value.dtype, value.device)
-        # row 0: the zero interpolant of features without pairs
-        self.coef = torch.zeros(1, NODES, dtype=value.dtype, device=value.device)
-        self.slope = torch.zeros(1, dtype=value.dtype, device=value.device)  # λ of each row
-        self.rows = torch.empty(0, n_features, dtype=torch.int64, device=value.device)
+        self.coef = torch.zeros(0, NODES, dtype=value.dtype, device=value.device)
+        self.slope = torch.zeros(0, dtype=value.dtype, device=value.device)  # λ of each row
+        self.rows = torch.empty(0, n_active, dtype=torch.int32, device=value.device)
         self.k_low = 0
         self.built = 0  # segment interpolants built (features x segments)
 
     # -- segments ------------------------------------------------------------------------
-    def _unbuilt(self, count: int) -> torch.Tensor:
-        """`count` rows of the segment index for segments not yet seen: -1, or 0 (the zero
-        interpolant) for features without pairs."""
-        fresh = torch.where(self.length > 0, -1, 0)
-        return fresh.expand(count, -1).clone()
-
     def _cover(self, k: torch.Tensor) -> None:
         """Grow `rows` to hold segments k.min() .. k.max()."""
         low, high = int(k.min()), int(k.max())
         if self.rows.shape[0] == 0:
-            self.k_low, self.rows = low, self._unbuilt(high - low + 1)
-            return
+            self.k_low = low
         k_high = self.k_low + self.rows.shape[0] - 1
         below, above = max(0, self.k_low - low), max(0, high - k_high)
         if below or above:
-            self.rows = torch.cat([self._unbuilt(below), self.rows, self._unbuilt(above)])
+            fresh = self.rows.new_full((1, self.rows.shape[1]), -1)
+            self.rows = torch.cat([fresh.expand(below, -1), self.rows, fresh.expand(above, -1)])
             self.k_low -= below
 
     def _row_of(self, k: torch.Tensor) -> torch.Tensor:
-        """Each feature's row of `coef` for its segment k [T] (-1: not built)."""
-        features = torch.arange(self.n_features, device=k.device)
+        """Each active feature's row of `coef` for its segment k [A] (-1: not built)."""
+        features = torch.arange(k.numel(), device=k.device)
         return self.rows[k - self.k_low, features]
 
     def _build(self, features: torch.Tensor, k: torch.Tensor) -> None:
-        """The interpolants of `features` on their segments `k`."""
+        """The interpolants of active `features` on their segments `k`."""
         centers = (k.to(self.value.dtype) + 0.5) * SEGMENT_WIDTH
         s_nodes = centers[:, None] + 0.5 * SEGMENT_WIDTH * self.nodes  # [F, n]
         phi_nodes = torch.exp(s_nodes)
@@ -158,14 +161,15 @@ class SegmentedLgamma:
         self.coef = torch.cat([self.coef, values @ self.to_coef])
         self.slope = torch.cat([self.slope, slope])
         self.rows[k - self.k_low, features] = torch.arange(
-            first, first + features.numel(), device=k.device
+            first, first + features.numel(), dtype=torch.int32, device=k.device
         )
         self.built += features.numel()
 
     # -- evaluation ----------------------------------------------------------------------
     def value_and_slope(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Σ_t E_t(φ_t) and dE_t/dφ_t [T]."""
-        s = torch.log(phi)
+        """Σ_t E_t(φ_t) and dE_t/dφ_t [T] (0 where feature t has no pairs)."""
+        phi_a = phi.index_select(0, self.active)
+        s = torch.log(phi_a)
         k = torch.floor(s / SEGMENT_WIDTH).long()
         self._cover(k)
         row = self._row_of(k)
@@ -174,13 +178,13 @@ class SegmentedLgamma:
             features = torch.nonzero(missing).squeeze(1)
             self._build(features, k[features])
             row = self._row_of(k)
-        coef = self.coef.index_select(0, row)  # [T, n]
+        coef = self.coef.index_select(0, row).T.contiguous()  # [n, A]
         t = (s - (k.to(s.dtype) + 0.5) * SEGMENT_WIDTH) / (0.5 * SEGMENT_WIDTH)
         remainder, slope_t = _clenshaw(coef, t)
         linear = self.slope.index_select(0, row)
         value = (linear * s + remainder).sum()
         slope_s = linear + slope_t / (0.5 * SEGMENT_WIDTH)
-        return value, slope_s / phi
+        return value, torch.zeros_like(phi).index_copy_(0, self.active, slope_s / phi_a)
 
     def __call__(self, phi: torch.Tensor) -> torch.Tensor:
         """Σ_p c_p [lgamma(φ + v_p) - lgamma(φ)], differentiable in φ [T] (float64); φ
@@ -188,21 +192,23 @@ class SegmentedLgamma:
         feature, value, count = self.rest
         phi_rest = phi.index_select(0, feature)
         rest = (count * (torch.lgamma(phi_rest + value) - torch.lgamma(phi_rest))).sum()
-        if not bool(torch.isfinite(phi).all() & (phi > 0).all()):
-            return ShiftedLgamma.apply(phi, self.feature, self.value, self.count) + rest
+        if self.active.numel() == 0:
+            return rest
+        if self.direct or not bool(torch.isfinite(phi).all() & (phi > 0).all()):
+            return ShiftedLgamma.apply(phi, *self.pairs) + rest
         return _Segmented.apply(phi, self) + rest
 
 
 def _clenshaw(coef: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_m a_m T_m(t) and its derivative Σ_m m a_m U_{m-1}(t), per row of `coef` [T, n]."""
-    n = coef.shape[1]
+    """Σ_m a_m T_m(t) and its derivative Σ_m m a_m U_{m-1}(t), per column of `coef` [n, A]."""
+    n = coef.shape[0]
     two_t = 2.0 * t
     b1 = b2 = torch.zeros_like(t)  # the T series
     d1 = d2 = torch.zeros_like(t)  # the U series of the derivative, a'_j = (j + 1) a_{j+1}
     for m in range(n - 1, 0, -1):
-        b1, b2 = coef[:, m] + two_t * b1 - b2, b1
-        d1, d2 = m * coef[:, m] + two_t * d1 - d2, d1
-    return coef[:, 0] + t * b1 - b2, d1
+        b1, b2 = coef[m] + two_t * b1 - b2, b1
+        d1, d2 = m * coef[m] + two_t * d1 - d2, d1
+    return coef[0] + t * b1 - b2, d1
 
 
 class _Segmented(torch.autograd.Function):

@@ -41,7 +41,8 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     the tabulated Σ_n y log1p(sf_n x) (`weighted_log1p`), the totals of y and of y / sf^k
     (the y log(mu + ε) terms, the latter as the coefficients of their series); the
     (feature, value) histogram (the lgamma terms); and the constant. Nothing of size N or
-    of the number of non-zeros is kept: a step costs O(C T) plus the histogram.
+    of the number of non-zeros is kept: a step costs O(C T) (the histogram's lgamma terms
+    through interpolants in log φ, `lgamma_segments`, each built once from it).
     """
     y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
     groups = np.asarray(data.groups, dtype=np.int64)

@@ -20,6 +20,10 @@ dispersion gradient is a sum of such differences, each ~v/φ, which a difference
 digammas (~log φ each) would round away; here every term keeps full float64 precision.
 The gradient is formed in the forward pass as one per-feature sum, so the backward is one
 multiply.
+
+A fit reads these sums through `lgamma_segments` (per-feature interpolants in log φ whose
+nodes come from the same series); this pair-by-pair sum is what they are tested against,
+and their fallback where φ is not finite and positive.
 """
 
 from __future__ import annotations
