@@ -13,9 +13,9 @@ import numpy as np
 import pyro
 import torch
 from torch.nn.utils import clip_grad_norm_
-from torch.optim.lr_scheduler import OneCycleLR
 
 from bayesdream_model.errors import NonFiniteLikelihoodError
+from bayesdream_model.optim import Adam, OneCycle
 from bayesdream_model.recovery import (
     Recovery,
     Snapshots,
@@ -86,11 +86,12 @@ class SviResult:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: SviSettings):
-    """Adam under a one-cycle schedule peaking at `peak_factor * lr` after 10 % of the steps."""
-    optimizer = torch.optim.Adam(params, lr=settings.lr, betas=(0.9, 0.999))
+    """Adam under a one-cycle schedule peaking at `peak_factor * lr` after 10 % of the steps
+    (`bayesdream_model.optim`: torch.optim's arithmetic without its compiler import)."""
+    optimizer = Adam(params, lr=settings.lr, betas=(0.9, 0.999))
     total = max(settings.niters, MIN_SCHEDULE_STEPS)  # shorter schedules divide by 0
     warmup = 0.1 if settings.warmup_steps is None else min(0.1, settings.warmup_steps / total)
-    scheduler = OneCycleLR(
+    scheduler = OneCycle(
         optimizer,
         max_lr=settings.lr * settings.peak_factor,
         total_steps=total,

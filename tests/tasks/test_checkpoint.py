@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from torch.optim.lr_scheduler import OneCycleLR
 
+from bayesdream_model.optim import Adam, OneCycle
 from tasks.checkpoint import MAGIC, CheckpointError, decode_state, encode_state
 
 
@@ -18,8 +18,15 @@ def _loop_like_state() -> dict:
     """What the SVI loop saves: module and optimiser state dicts (int keys, tuples, None),
     a schedule, floats, a loss list, the torch RNG."""
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
-    scheduler = OneCycleLR(optimizer, max_lr=1e-2, total_steps=100)
+    optimizer = Adam(params, lr=1e-3)
+    scheduler = OneCycle(
+        optimizer,
+        max_lr=1e-2,
+        total_steps=100,
+        pct_start=0.3,
+        div_factor=25.0,
+        final_div_factor=1e4,
+    )
     (params[0].sum() + params[1].pow(2).sum()).backward()
     optimizer.step()
     scheduler.step()
@@ -60,7 +67,7 @@ def test_round_trip_is_exact_and_restores_an_optimizer() -> None:
     _equal(dict(state), back)
     assert isinstance(next(iter(back["optimizer"]["state"])), int)
     params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    optimizer = Adam(params, lr=1e-3)
     optimizer.load_state_dict(back["optimizer"])
     assert torch.equal(
         optimizer.state[params[0]]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"]
