@@ -44,10 +44,13 @@ class Adam:
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop every parameter's gradient."""
+        """Drop every parameter's gradient (or zero it in place: `set_to_none=False`)."""
         for group in self.param_groups:
             for p in group["params"]:
-                p.grad = None
+                if set_to_none or p.grad is None:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
     @torch.no_grad()
     def step(self) -> None:

@@ -83,6 +83,16 @@ class SparseCounts:
 
     def select_features(self, keep) -> SparseCounts:
         """Columns `keep` (a slice, bool mask [T] or indices), in that order."""
+        if isinstance(keep, slice) and keep.step in (None, 1):  # one run of entries
+            lo, hi, _ = keep.indices(self.shape[1])
+            hi = max(lo, hi)
+            span = slice(self.indptr[lo], self.indptr[hi])
+            return SparseCounts(
+                indptr=(self.indptr[lo : hi + 1] - self.indptr[lo]).astype(np.int64),
+                rows=self.rows[span].copy(),
+                values=self.values[span].copy(),
+                n_rows=self.n_rows,
+            )
         columns = np.arange(self.shape[1])[keep]
         starts, stops = self.indptr[columns], self.indptr[columns + 1]
         take = _ranges(starts, stops)

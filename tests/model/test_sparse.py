@@ -43,7 +43,16 @@ def test_round_trip_and_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    "keep", [slice(2, 9), slice(None, None, 3), np.array([7, 1, 2]), np.arange(11) % 2 == 0]
+    "keep",
+    [
+        slice(2, 9),
+        slice(-3, None),
+        slice(5, 100),
+        slice(9, 2),  # empty
+        slice(None, None, 3),
+        np.array([7, 1, 2]),
+        np.arange(11) % 2 == 0,
+    ],
 )
 def test_select_features_equals_dense(keep) -> None:
     y = _matrix()
