@@ -82,10 +82,23 @@ class SamplingPlan:
         ]
 
 
+#: floats per (group + 1, feature) of one draw besides its parameters: the result arrays
+#: derived from it (up to 8 of [C, T] for negbinom) and the guide's temporaries (its
+#: per-feature noise, the affine map's [T, D, D] product), with room to spare
+DRAW_FLOATS_PER_ENTRY = 16
+
+
 def bytes_per_sample(n_cells: int, n_features: int, n_groups: int) -> int:
-    """(2CT + 3T) floats of parameters + 4 NT floats of temporaries."""
+    """(2CT + 3T) floats of parameters + 16 (C + 1) T floats of results and temporaries.
+
+    Nothing of size N: a draw never evaluates the likelihood, and the fit data is not
+    loaded while sampling (the guide is restored from its stored parameters). Counting
+    the reference's 4 NT floats of per-cell temporaries (6.4 GB a draw at 20,000 x
+    20,000) made a genome-scale screen draw one sample at a time. `n_cells` is kept for
+    the callers' shape (N, T, C) and does not enter.
+    """
     params = (2 * n_groups * n_features + 3 * n_features) * BYTES_PER_FLOAT
-    return params + 4 * n_cells * n_features * BYTES_PER_FLOAT
+    return params + DRAW_FLOATS_PER_ENTRY * (n_groups + 1) * n_features * BYTES_PER_FLOAT
 
 
 def plan_sampling(
@@ -108,8 +121,7 @@ def plan_sampling(
     if user_batch is not None:
         batch = min(user_batch, nsamples)
         return SamplingPlan(nsamples, batch, True, per_sample, "batch size given by the user")
-    input_bytes = (n_cells * n_features + n_cells) * BYTES_PER_FLOAT
-    at_once = int((budget.safe_bytes - input_bytes) // per_sample)
+    at_once = int(budget.safe_bytes // per_sample)
     if at_once >= nsamples:
         reason = f"all {nsamples} draws fit in {budget.safe_bytes / 1e9:.2f} GB ({budget.source})"
         batch = nsamples if max_batch is None else min(nsamples, max_batch)

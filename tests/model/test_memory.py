@@ -96,8 +96,7 @@ def test_cuda_free_memory_wins(environ: dict[str, str]) -> None:
 def budget_for(n_draws: float, shape: tuple[int, int, int]) -> MemoryBudget:
     """A budget whose safe part holds the inputs plus `n_draws` draws (safety 1 for clarity)."""
     n_cells, n_features, n_groups = shape
-    inputs = (n_cells * n_features + n_cells) * 4
-    usable = inputs + n_draws * bytes_per_sample(n_cells, n_features, n_groups)
+    usable = n_draws * bytes_per_sample(n_cells, n_features, n_groups)
     return MemoryBudget(int(usable), "test budget", 1.0)
 
 
@@ -113,9 +112,25 @@ def assert_covers_exactly_once(plan: SamplingPlan) -> None:
 )
 def test_bytes_per_sample(n_cells: int, n_features: int, n_groups: int) -> None:
     c, t, n = n_groups, n_features, n_cells
-    assert bytes_per_sample(n, t, c) == (2 * c * t + 3 * t) * 4 + 4 * n * t * 4
+    expected = (2 * c * t + 3 * t) * 4 + 16 * (c + 1) * t * 4
+    assert bytes_per_sample(n, t, c) == expected
+    assert bytes_per_sample(10 * n, t, c) == expected  # no per-cell term: no likelihood
     plan = plan_sampling(nsamples=5, shape=(n, t, c), budget=budget_for(1e6, (n, t, c)))
-    assert plan.bytes_per_sample == (2 * c * t + 3 * t) * 4 + 4 * n * t * 4
+    assert plan.bytes_per_sample == expected
+
+
+def test_a_genome_scale_screen_draws_vectorised_batches_of_100() -> None:
+    """20,000 cells x 20,000 genes: one draw holds ~6 MB, so batches of 100 (counting the
+    4 N T floats of per-cell temporaries that sampling never builds made this one draw at
+    a time); vectorised where all 1,000 draws fit, as the rule has it."""
+    shape = (20_000, 20_000, 3)
+    small = plan_sampling(
+        nsamples=1000, shape=shape, budget=memory_budget({}, available_ram=8 * GIB)
+    )
+    assert small.batch_size == 100 and not small.parallel  # 514 of the 1,000 fit
+    large = plan_sampling(nsamples=1000, shape=shape, budget=memory_budget({}, available_ram=RAM))
+    assert large.batch_size == 100 and large.parallel
+    assert large.bytes_per_sample < 10 * 2**20
 
 
 def test_whole_draw_fits_in_one_parallel_batch() -> None:

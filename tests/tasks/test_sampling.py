@@ -90,11 +90,10 @@ def plain_store(tmp_path_factory: pytest.TempPathFactory) -> zarr.Group:
 
 
 def _tiny_budget(monkeypatch: pytest.MonkeyPatch, root: zarr.Group) -> None:
-    """A memory budget that holds the inputs and SPLIT_BATCH draws, no more."""
+    """A memory budget that holds SPLIT_BATCH draws, no more."""
     n_fit = int(root["fit/gene/features"].shape[0])
     n_cells = int(read_groups(root).fit.sum())
-    inputs = (n_cells * n_fit + n_cells) * 4
-    usable = inputs + SPLIT_BATCH * bytes_per_sample(n_cells, n_fit, N_GROUPS) + 1
+    usable = SPLIT_BATCH * bytes_per_sample(n_cells, n_fit, N_GROUPS) + 1
     budget = MemoryBudget(usable_bytes=usable, source="faked for the test", safety=1.0)
     monkeypatch.setattr(sampling, "sampling_budget", lambda device: budget)
 
