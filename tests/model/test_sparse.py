@@ -1,9 +1,9 @@
 """The fit matrix held as its non-zeros: the container, and negbinom fitting from it.
 
 `SparseCounts` must hand out exactly the dense matrix's columns and rows; negbinom's
-filters, priors and initial values on it (computed one dense block of features at a
-time) must equal the dense ones bit for bit, and so must its likelihood statistics and
-hence a fit.
+filters (one dense block of features at a time), priors and initial values (from the
+non-zeros, dense input made sparse first) must equal the dense ones bit for bit, and so
+must its likelihood statistics and hence a fit.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import torch
 from factories import negbinom_screen
 
 import bayesdream_model.distributions.negbinom as negbinom
+from bayesdream_model import sparse_stats
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.errors import ModelError
 from bayesdream_model.fit import FitOptions, fit_technical
 from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.stats import group_sums, robust_sd
 from bayesdream_model.streaming import InMemoryCells, blockwise_inputs
 
 
@@ -108,6 +110,39 @@ def test_filters_priors_and_inits_from_sparse_equal_dense(monkeypatch: pytest.Mo
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("n_cells", [40, 41])
+def test_column_statistics_from_the_non_zeros_equal_the_dense_ones(
+    n_cells: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Robust sd and group sums of y / sf from the entries alone, in pieces of ~30 entries,
+    against the dense computation: features all zero, mostly zero (median and MAD 0: the
+    plain sd), exactly half zero (the median is half the smallest non-zero), mostly
+    non-zero, and constant (MAD 0 again). Equal to float64 round-off (1e-12)."""
+    monkeypatch.setattr(sparse_stats, "CHUNK_ENTRIES", 30)
+    rng = np.random.default_rng(7)
+    shares = [0.0, 0.1, 0.3, 0.5, 0.9, 1.0]
+    y = np.zeros((n_cells, len(shares) + 1), dtype=np.float32)
+    for t, share in enumerate(shares):
+        rows = rng.permutation(n_cells)[: round(share * n_cells) if share != 0.5 else n_cells // 2]
+        y[rows, t] = 1 + rng.poisson(3.0, rows.size)
+    y[:, -1] = 2.0  # constant
+    sf = rng.lognormal(0.0, 0.3, n_cells)
+    groups = rng.integers(0, 3, n_cells)
+    sparse = SparseCounts.from_dense(y)
+    dense = y / sf[:, None]
+    np.testing.assert_allclose(
+        sparse_stats.scaled_robust_sd(sparse, sf, epsilon=1e-6),
+        robust_sd(dense, epsilon=1e-6),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+    np.testing.assert_allclose(
+        sparse_stats.scaled_group_sums(sparse, sf, groups, 3),
+        group_sums(dense, groups, 3),
+        rtol=1e-12,
+    )
 
 
 def test_fit_from_sparse_equals_fit_from_dense() -> None:
