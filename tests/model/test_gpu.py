@@ -33,9 +33,17 @@ def test_negbinom_fit_runs_on_cuda(guide: str) -> None:
     on_gpu = fits["cuda"]
     assert all(p.device.type == "cuda" for p in on_gpu.guide.parameters())
     assert next(iter(on_gpu.model.inputs.values())).device.type == "cuda"
-    # Same data, same seed: the two devices' loss traces agree to float32 round-off
-    # accumulated over 400 steps (different kernels, different summation order).
-    np.testing.assert_allclose(on_gpu.svi.losses, fits["cpu"].svi.losses, rtol=1e-3)
+    # Same data and seed, but each device draws the ELBO's noise from its own generator,
+    # so the traces agree only as far as that noise is small. After the Laplace start the
+    # per-feature guide sits at its optimum, where one draw moves the loss by ~1e-4
+    # (3.5 of 44,348 on CPU across seeds): step by step within 1e-3. The IAF starts away
+    # from it with single-draw noise of ~2 % at first; compare where it ends, the mean of
+    # its last 100 losses, within 0.5 % (CPU fits under three seeds spread over 0.2 %).
+    gpu, cpu = on_gpu.svi.losses, fits["cpu"].svi.losses
+    if guide == "feature_mvn":
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-3)
+    else:
+        assert abs(gpu[-100:].mean() / cpu[-100:].mean() - 1) < 5e-3
     plan = plan_sampling(nsamples=50, shape=(600, 30, 3), budget=MemoryBudget(10**9, "test", 1.0))
     (_, _, draws), *_ = posterior_batches(on_gpu, plan, seed=0)
     assert np.isfinite(draws["alpha_y_add"]).all()
