@@ -32,6 +32,19 @@ def _matrix(seed: int = 0, shape: tuple[int, int] = (37, 11)) -> np.ndarray:
     return y.astype(np.float32)
 
 
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_entries_in_every_memory_layout(layout: str) -> None:
+    """Row-major, column-major (the store's feature-major reads) and strided blocks give
+    the same entries, column by column with cells increasing, as the dense matrix."""
+    y = _matrix(shape=(37, 40))
+    block = {"C": y, "F": np.asfortranarray(y), "strided": np.asfortranarray(y)[:, ::2]}[layout]
+    sparse = SparseCounts.from_dense(block)
+    cols, cells = np.nonzero(np.ascontiguousarray(block).T)
+    np.testing.assert_array_equal(sparse.rows, cells)
+    np.testing.assert_array_equal(sparse.column_of_entries(), cols)
+    np.testing.assert_array_equal(sparse.dense(), block)
+
+
 def test_round_trip_and_blocks() -> None:
     y = _matrix()
     sparse = SparseCounts.from_dense(y)
