@@ -3,20 +3,21 @@
 A `CellSource` hands out the fit cells' data in two shapes: every cell for a block of
 features (the empirical priors and initial values are per feature, so they are computed
 block by block, exactly) and every fit feature for a batch of cells (the likelihood).
-Families whose likelihood reads only per-group sums (binomial, multinomial, normal) merge
-the batches' statistics once, exactly, and fit at full speed; the others (negbinom,
-Student-t) read one batch per SVI step, its log-likelihood scaled by the number of
+Families whose likelihood reads only per-group sums and tables (binomial, multinomial,
+normal, negbinom) merge the batches' statistics once, exactly, and fit at full speed;
+Student-t reads one batch per SVI step, its log-likelihood scaled by the number of
 batches: each cell sits in exactly one batch and the batch is drawn uniformly, so the
-objective and its gradient stay unbiased.
+objective and its gradient stay unbiased. Every pass over the source reads its next
+piece in a background thread while the current one is computed on (`read_ahead`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,21 @@ from bayesdream_model.distributions.base import Family
 from bayesdream_model.sparse import SparseCounts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_END = object()
+
+
+def read_ahead(items: Iterable[T]) -> Iterator[T]:
+    """The items of `items` in order, each next one produced in a background thread while
+    the caller works on the current one: reading a piece of the store (decompression)
+    overlaps computing on the last one, both releasing the GIL for most of their time.
+    One piece is held beyond the current one; an error in producing one is raised here."""
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(next, iterator, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, iterator, _END)
+            yield item
 
 
 class CellSource(Protocol):
@@ -92,7 +108,7 @@ def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:
     priors: list[dict] = []
     inits: list[dict] = []
     done, next_report = 0, source.n_features / 10  # progress: about ten lines
-    for block in source.feature_blocks():
+    for block in read_ahead(source.feature_blocks()):
         if family.sparse_fit and not isinstance(block.y, SparseCounts):
             block = replace(block, y=SparseCounts.from_dense(block.y))  # once for both
         priors.append(family.prior_inputs(block))
@@ -121,8 +137,9 @@ def merged_tensors(family: Family, source: CellSource, device) -> FitTensors | N
         return None
     merged: dict[str, torch.Tensor] | None = None
     every = max(1, source.n_batches // 10)  # progress: about ten lines
-    for index in range(source.n_batches):
-        part = family.tensors(source.read_batch(index), "cpu").stats
+    batches = read_ahead(source.read_batch(index) for index in range(source.n_batches))
+    for index, batch in enumerate(batches):
+        part = family.tensors(batch, "cpu").stats
         merged = part if merged is None else family.merge_stats(merged, part)
         done = index + 1
         if done % every == 0 or done == source.n_batches:

@@ -13,6 +13,7 @@ from bayesdream_model.distributions import FilterFlags, get_family
 from bayesdream_model.errors import NoFeaturesLeftError
 from bayesdream_model.memory import FitPlan, MemoryBudget, max_sparse_nonzero, plan_fit
 from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.streaming import read_ahead
 from tasks.distributed import dask_flags, on_dask_worker, store_path
 from tasks.errors import InputDataError
 from tasks.groups import GroupAssignment
@@ -117,7 +118,7 @@ def read_sparse_fit_arrays(
             yield block
 
     try:
-        y = SparseCounts.from_blocks(blocks(), n_rows=len(cells))
+        y = SparseCounts.from_blocks(read_ahead(blocks()), n_rows=len(cells))
     except _TooManyNonzeros:
         return None
     return FitArrays(

@@ -16,6 +16,7 @@ What must hold, for data that is never whole in memory:
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pyro
@@ -39,10 +40,36 @@ from bayesdream_model.streaming import (
     blockwise_inputs,
     even_bounds,
     merged_tensors,
+    read_ahead,
 )
 
 from .test_families_recovery import Case, fit_arrays, simulate
 from .test_recovery import check_recovery
+
+
+def test_read_ahead_produces_the_next_piece_while_the_current_one_is_used() -> None:
+    """In order; piece k + 1 is produced (in another thread) before the caller is done
+    with piece k; no more than one ahead; an error in producing a piece reaches the caller."""
+    produced = [threading.Event() for _ in range(4)]
+    threads = set()
+
+    def pieces():
+        for k in range(4):
+            threads.add(threading.get_ident())
+            produced[k].set()
+            yield k
+        raise OSError("store went away")
+
+    got = []
+    with pytest.raises(OSError, match="store went away"):
+        for k in read_ahead(pieces()):
+            got.append(k)
+            if k < 3:  # the caller is still busy with k: k + 1 arrives meanwhile
+                assert produced[k + 1].wait(timeout=10)
+            assert not any(e.is_set() for e in produced[k + 2 :])  # never two ahead
+    assert got == [0, 1, 2, 3]
+    assert threads and threading.get_ident() not in threads
+
 
 FAMILIES = ("negbinom", "binomial", "multinomial", "normal", "studentt")
 
