@@ -25,6 +25,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesdream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_others(sub)
+    return parser
+
+
+def _add_run(sub) -> None:
+    """`bayesdream run`: the fit, as a config says."""
     run = sub.add_parser(
         "run",
         help="fit the technical model as a config says (the model: docs/model.md)",
@@ -71,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes of --dask local (default 2)",
     )
+
+
+def _add_others(sub) -> None:
+    """`summary`, `export`, `demo` and `deploy`."""
     summary = sub.add_parser("summary", help="per feature and group effect summaries as CSV")
     summary.add_argument("store", type=Path)
     summary.add_argument("--modality", required=True)
@@ -100,7 +111,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="[FLOW/]DEPLOYMENT",
         help="deploy only this one (repeatable; default: all of them)",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,33 +147,14 @@ def sample_modality(
     family, n_groups = fitted.family, fitted.model.n_groups
     names = read_strings(root[inputs_key(name)], "feature_names")
     layout = feature_layout(names, fit_group["features"][...], cis_feature)
-    n_cells = len(fit_cell_index(root, name, read_groups(root)))
     n_categories = family.n_categories(fitted.model.inputs)  # K for 3-D families, else None
-    plan = plan_sampling(  # a 3-D family's K categories count as K features each
-        nsamples=nsamples,
-        shape=(n_cells, fitted.n_features * (n_categories or 1), n_groups),
-        budget=sampling_budget(device),
-        user_batch=request.minibatch_size,
-    )
+    plan = _sampling_plan(root, name, fitted, request, device)
     log.info("Modality '%s': sampling plan: %s", name, plan.reason)
     outputs = family.outputs()
     shape_args = (nsamples, n_groups, layout.n_results, n_categories)
-    group, done = _results_group(root, name, request.fingerprint)
-    if done is None:  # a fresh start: every array at full size before the first draw
-        group.attrs.update(sampling_batch_size=plan.batch_size, batches_done=[])
-        arrays = _create_outputs(group, outputs, shape_args, plan.batch_size)
-        cis = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
-        done = []
-    else:  # a killed run of the same inputs: reuse its arrays, skip the batches it wrote
-        plan = replace(plan, batch_size=int(group.attrs["sampling_batch_size"]))
-        arrays = {out.name: group[out.name] for out in outputs}
-        cis = dict(root[CIS_KEY].arrays()) if cis_feature is not None else None
-        log.info(
-            "Modality '%s': resuming sampling, %d of %d batches already written",
-            name,
-            len(done),
-            plan.n_batches,
-        )
+    group, plan, arrays, cis, done = _open_outputs(
+        root, name, request, plan, (outputs, shape_args), log
+    )
     writer = _BatchWriter(outputs, arrays, cis, layout)
     for start, stop in plan.batches():
         if start in done:
@@ -200,6 +181,45 @@ def sample_modality(
     mark_complete(group)
     log.info("Modality '%s': %d draws in %.1f s", name, nsamples, seconds)
     return {"sampling_seconds": seconds, "batch_size": plan.batch_size}
+
+
+def _sampling_plan(root: zarr.Group, name: str, fitted, request: SampleRequest, device: str):
+    """Draws per batch for this fit within the device's memory (a 3-D family's K
+    categories count as K features each)."""
+    n_categories = fitted.family.n_categories(fitted.model.inputs)
+    n_cells = len(fit_cell_index(root, name, read_groups(root)))
+    return plan_sampling(
+        nsamples=request.nsamples,
+        shape=(n_cells, fitted.n_features * (n_categories or 1), fitted.model.n_groups),
+        budget=sampling_budget(device),
+        user_batch=request.minibatch_size,
+    )
+
+
+def _open_outputs(root: zarr.Group, name: str, request: SampleRequest, plan, spec, log):
+    """(results group, plan, output arrays, cis arrays or None, batches already written).
+
+    A fresh start creates every array at full size before the first draw; a killed run of
+    the same inputs (`request.fingerprint`) keeps its arrays and its batch size, and the
+    batches it wrote are skipped."""
+    outputs, shape_args = spec
+    nsamples, n_groups, cis_feature = request.nsamples, shape_args[1], request.cis_feature
+    group, done = _results_group(root, name, request.fingerprint)
+    if done is None:
+        group.attrs.update(sampling_batch_size=plan.batch_size, batches_done=[])
+        arrays = _create_outputs(group, outputs, shape_args, plan.batch_size)
+        cis = _create_cis(root, outputs, nsamples, n_groups, plan.batch_size, cis_feature, name)
+        return group, plan, arrays, cis, []
+    plan = replace(plan, batch_size=int(group.attrs["sampling_batch_size"]))
+    arrays = {out.name: group[out.name] for out in outputs}
+    cis = dict(root[CIS_KEY].arrays()) if cis_feature is not None else None
+    log.info(
+        "Modality '%s': resuming sampling, %d of %d batches already written",
+        name,
+        len(done),
+        plan.n_batches,
+    )
+    return group, plan, arrays, cis, done
 
 
 def _results_group(
