@@ -29,7 +29,7 @@ from bayesdream_model.inference import (
 )
 from bayesdream_model.laplace import laplace_start
 from bayesdream_model.model import TechnicalModel
-from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.sparse import as_sparse
 from bayesdream_model.streaming import CellSource, CellStream, blockwise_inputs, merged_tensors
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,8 @@ def _fit_data(family: Family, data: FitArrays | CellSource, device: torch.device
     """Prior inputs, initial values, and what the likelihood reads: the data's tensors, or
     statistics merged over cell batches, or (families that read every cell) a stream."""
     if isinstance(data, FitArrays):
-        if family.sparse_fit and not isinstance(data.y, SparseCounts):
-            data = replace(data, y=SparseCounts.from_dense(data.y))  # once, not per use
+        if family.sparse_fit:
+            data = replace(data, y=as_sparse(data.y))  # once, not per use
         tensors = family.tensors(data, device)
         return family.prior_inputs(data), family.initial_values(data), tensors, None
     priors, inits = blockwise_inputs(family, data)

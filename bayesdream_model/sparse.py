@@ -126,6 +126,11 @@ class SparseCounts:
             yield start, self.select_features(slice(start, start + width)).dense()
 
 
+def as_sparse(y: np.ndarray | SparseCounts) -> SparseCounts:
+    """The non-zeros of a dense fit matrix, or the sparse one itself."""
+    return y if isinstance(y, SparseCounts) else SparseCounts.from_dense(y)
+
+
 def _entries_by_column(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cells, columns, values) of a dense block's non-zeros, column by column and cells
     increasing within each, found by a scan in memory order: a column-major block (as the

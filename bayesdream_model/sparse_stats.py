@@ -22,19 +22,20 @@ from bayesdream_model.stats import robust_sd
 CHUNK_ENTRIES = 1 << 24  # non-zeros per piece of columns (a few hundred MB of temporaries)
 
 
-def as_sparse(y: np.ndarray | SparseCounts) -> SparseCounts:
-    """The non-zeros of a dense fit matrix, or the sparse one itself."""
-    return y if isinstance(y, SparseCounts) else SparseCounts.from_dense(y)
-
-
-def column_chunks(y: SparseCounts, entries: int = CHUNK_ENTRIES) -> Iterator[tuple[int, int]]:
-    """(first, stop) column ranges of about `entries` non-zeros each (at least one column)."""
-    n = y.shape[1]
-    lo = 0
+def scaled_chunks(
+    y: SparseCounts, row_scale: np.ndarray, entries: int | None = None
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+    """(columns, rows, y / row_scale[rows], column within the piece) of each entry, over
+    runs of columns of about `entries` non-zeros each (at least one column)."""
+    entries = CHUNK_ENTRIES if entries is None else entries
+    n, lo = y.shape[1], 0
     while lo < n:
         hi = int(np.searchsorted(y.indptr, y.indptr[lo] + entries, side="right")) - 1
         hi = min(n, max(hi, lo + 1))
-        yield lo, hi
+        span = slice(y.indptr[lo], y.indptr[hi])
+        rows = y.rows[span]
+        column = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
+        yield slice(lo, hi), rows, y.values[span] / row_scale[rows], column
         lo = hi
 
 
@@ -42,14 +43,12 @@ def scaled_group_sums(
     y: SparseCounts, row_scale: np.ndarray, groups: np.ndarray, n_groups: int
 ) -> np.ndarray:
     """Σ over the cells of each group of y / row_scale: [C, T] float64."""
-    n_features = y.shape[1]
-    out = np.zeros((n_groups, n_features))
-    for lo, hi in column_chunks(y):
-        part = y.select_features(slice(lo, hi))
-        v = part.values / row_scale[part.rows]
-        key = groups[part.rows].astype(np.int64) * (hi - lo) + part.column_of_entries()
-        out[:, lo:hi] = np.bincount(key, weights=v, minlength=n_groups * (hi - lo)).reshape(
-            n_groups, hi - lo
+    out = np.zeros((n_groups, y.shape[1]))
+    for columns, rows, v, column in scaled_chunks(y, row_scale):
+        width = columns.stop - columns.start
+        key = groups[rows].astype(np.int64) * width + column
+        out[:, columns] = np.bincount(key, weights=v, minlength=n_groups * width).reshape(
+            n_groups, width
         )
     return out
 
@@ -59,15 +58,12 @@ def scaled_robust_sd(y: SparseCounts, row_scale: np.ndarray, *, epsilon: float) 
     n_cells, n_features = y.shape
     zeros = n_cells - np.diff(y.indptr)
     out = np.empty(n_features)
-    mostly_zero = zeros > n_cells // 2  # median 0 and MAD 0: the plain sd
-    for lo, hi in column_chunks(y):
-        part = y.select_features(slice(lo, hi))
-        v = part.values / row_scale[part.rows]
-        column = part.column_of_entries()
-        mean = np.bincount(column, weights=v, minlength=hi - lo) / n_cells
-        squares = np.bincount(column, weights=(v - mean[column]) ** 2, minlength=hi - lo)
-        out[lo:hi] = np.sqrt((squares + zeros[lo:hi] * mean**2) / n_cells)
-    others = np.flatnonzero(~mostly_zero)
+    for columns, _, v, column in scaled_chunks(y, row_scale):
+        width = columns.stop - columns.start
+        mean = np.bincount(column, weights=v, minlength=width) / n_cells
+        squares = np.bincount(column, weights=(v - mean[column]) ** 2, minlength=width)
+        out[columns] = np.sqrt((squares + zeros[columns] * mean**2) / n_cells)
+    others = np.flatnonzero(zeros <= n_cells // 2)  # the rest: median and MAD 0, plain sd
     width = block_width(n_cells)
     for start in range(0, others.size, width):
         columns = others[start : start + width]

@@ -24,7 +24,7 @@ import torch
 
 from bayesdream_model.data import FitArrays, FitTensors
 from bayesdream_model.distributions.base import Family
-from bayesdream_model.sparse import SparseCounts
+from bayesdream_model.sparse import as_sparse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,8 +109,8 @@ def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:
     inits: list[dict] = []
     done, next_report = 0, source.n_features / 10  # progress: about ten lines
     for block in read_ahead(source.feature_blocks()):
-        if family.sparse_fit and not isinstance(block.y, SparseCounts):
-            block = replace(block, y=SparseCounts.from_dense(block.y))  # once for both
+        if family.sparse_fit:
+            block = replace(block, y=as_sparse(block.y))  # once for both
         priors.append(family.prior_inputs(block))
         inits.append(family.initial_values(block))
         done += block.n_features

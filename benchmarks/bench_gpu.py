@@ -54,10 +54,11 @@ from screen_writer import Screen  # noqa: E402
 from bayesdream_model.data import FitArrays  # noqa: E402
 from bayesdream_model.distributions import get_family  # noqa: E402
 from bayesdream_model.fit import FitOptions, fit_technical  # noqa: E402
-from bayesdream_model.memory import memory_budget, plan_sampling  # noqa: E402
+from bayesdream_model.memory import plan_sampling  # noqa: E402
 from bayesdream_model.posterior import posterior_batches  # noqa: E402
 from bayesdream_model.simulate import simulate_negbinom_screen  # noqa: E402
 from bayesdream_model.sparse import SparseCounts  # noqa: E402
+from tasks.resources import sampling_budget  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 SMALL = {"benchmark": 5.0, "deep": 50.0, "droplet": 0.08}
@@ -169,11 +170,7 @@ def run_screen(name: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         t_s = time.perf_counter()
         shape = (data.n_cells, data.n_features, data.n_groups)
-        budget = memory_budget(
-            os.environ,
-            available_ram=int(__import__("psutil").virtual_memory().available),
-            cuda_free=int(torch.cuda.mem_get_info()[0]) if args.device == "cuda" else None,
-        )
+        budget = sampling_budget(args.device)  # the pipeline's: free VRAM on a GPU
         plan = plan_sampling(nsamples=args.nsamples, shape=shape, budget=budget)
         draws = np.empty((args.nsamples, data.n_groups - 1, data.n_features), dtype=np.float32)
         for start, stop, results in posterior_batches(fitted, plan, seed=0):

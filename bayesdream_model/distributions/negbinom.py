@@ -27,8 +27,8 @@ from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
-from bayesdream_model.sparse import SparseCounts, block_width
-from bayesdream_model.sparse_stats import as_sparse, scaled_group_sums, scaled_robust_sd
+from bayesdream_model.sparse import SparseCounts, as_sparse, block_width
+from bayesdream_model.sparse_stats import scaled_group_sums, scaled_robust_sd
 from bayesdream_model.stats import constant
 
 EFFECT_SITE = "log2_alpha_y"
@@ -45,7 +45,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     of the number of non-zeros is kept: a step costs O(C T) (the histogram's lgamma terms
     through interpolants in log φ, `lgamma_segments`, each built once from it).
     """
-    y = data.y if isinstance(data.y, SparseCounts) else SparseCounts.from_dense(data.y)
+    y = as_sparse(data.y)
     groups = np.asarray(data.groups, dtype=np.int64)
     sf = np.asarray(data.sum_factor, dtype=np.float64)
     order = np.argsort(groups, kind="stable")
@@ -350,7 +350,7 @@ class NegBinom(Family):
         non-zero, whose median is taken dense, a block at a time."""
         y, sf = as_sparse(data.y), data.sum_factor
         n_base = max(int((data.groups == 0).sum()), 1)
-        mean = scaled_group_sums(y, sf, (data.groups != 0).astype(np.int64), 2)[0] / n_base
+        mean = scaled_group_sums(y, sf, data.groups, data.n_groups)[0] / n_base
         sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
         sd = np.maximum(sd, (mean + EPSILON) * 0.1)
         mean = mean + EPSILON
