@@ -57,6 +57,10 @@ class LaplaceSettings:
     tolerance: float = 1e-4
     max_backtracks: int = 8
     max_radius: float = 30.0  # a step is at most this many posterior sds (|H| metric)
+    #: and moves no coordinate further than this (unconstrained units: log o_y, log mu, log2
+    #: effects): where the curvature vanishes (a dispersion near the Poisson limit) the sds
+    #: are huge, and a step of 30 of them ran to phi ~ e^50, where no gradient is accurate
+    max_move: float = 4.0
     fd_fraction: float = 0.1
     fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
     eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)
@@ -274,7 +278,8 @@ def _global_newton(
 
 
 def _newton_step(grad: torch.Tensor, hessian: torch.Tensor, settings: LaplaceSettings):
-    """The damped step -|H|^-1 g (at most `max_radius` sds long; 0 where converged), the
+    """The damped step -|H|^-1 g (at most `max_radius` sds long, no coordinate moved more
+    than `max_move`; 0 where converged), the
     decrement g^T |H|^-1 g, and which rows have converged / must still move."""
     step, decrement, positive = _raw_step(grad, hessian, settings.eigen_floor)
     finite = torch.isfinite(grad).all(-1) & torch.isfinite(hessian).flatten(1).all(-1)
@@ -282,6 +287,8 @@ def _newton_step(grad: torch.Tensor, hessian: torch.Tensor, settings: LaplaceSet
     moving = finite & ~converged
     radius = torch.sqrt(decrement.clamp_min(0.0))
     step = step * (settings.max_radius / radius.clamp_min(settings.max_radius))[:, None]
+    move = step.abs().amax(-1)
+    step = step * (settings.max_move / move.clamp_min(settings.max_move))[:, None]
     return torch.where(moving[:, None], step, 0.0), decrement, converged, moving
 
 

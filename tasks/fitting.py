@@ -77,7 +77,10 @@ def fit_modality(
     A fit of the same inputs (`fingerprint`) that was killed resumes from its checkpoint.
     """
     log = log or logger
-    priors = PriorOptions(multinomial_baseline=fit.multinomial_baseline_prior)
+    priors = PriorOptions(
+        multinomial_baseline=fit.multinomial_baseline_prior,
+        negbinom_baseline=fit.negbinom_baseline_prior,
+    )
     family = get_family(root[inputs_key(name)].attrs["distribution"]).configured(priors)
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
@@ -96,9 +99,8 @@ def fit_modality(
     log.info("Modality '%s': %s", name, plan.reason)
     if plan.stream:
         data = StoreCells(root, name, groups, features, batch_cells=plan.batch_cells)
-        how = (
-            f"read in {data.n_batches} batches of <= {plan.batch_cells} cells, "
-            + ("their statistics merged" if family.mergeable else "one batch per step")
+        how = f"read in {data.n_batches} batches of <= {plan.batch_cells} cells, " + (
+            "their statistics merged" if family.mergeable else "one batch per step"
         )
     else:
         if data is None:

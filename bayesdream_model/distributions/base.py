@@ -34,6 +34,7 @@ class DistributionSpec:
 
 
 BaselinePrior = Literal["flat", "baseline_counts"]
+MeanPrior = Literal["standard_error", "weak"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,18 @@ class PriorOptions:
     (the default: calibrated); "baseline_counts" = Dirichlet(baseline-group counts + 1),
     the reference bayesDREAM's prior, which counts the baseline cells a second time on top
     of the likelihood and so narrows the posterior (90 % intervals cover ~0.85).
+
+    `negbinom_baseline`: the Gamma prior on each feature's baseline mean mu_ntc. "weak"
+    (the default: calibrated) is an exponential (shape 1) whose mean is the feature's mean
+    over all fit cells (size-factor normalised): about one pseudo-count. "standard_error",
+    the reference bayesDREAM's, has the baseline cells' mean and sd = the robust standard
+    error over the fit cells, floored at 10 % of that mean; at low depth it carries about
+    as much information as the baseline cells themselves, so it counts them twice
+    (droplet-like screens: 90 % intervals cover ~0.85).
     """
 
     multinomial_baseline: BaselinePrior = "flat"
+    negbinom_baseline: MeanPrior = "weak"
 
 
 @dataclass(frozen=True)

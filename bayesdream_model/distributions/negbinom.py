@@ -18,7 +18,9 @@ from bayesdream_model.distributions.base import (
     DistributionSpec,
     Family,
     FilterFlags,
+    MeanPrior,
     OutputSpec,
+    PriorOptions,
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
@@ -325,11 +327,23 @@ class NegBinom(Family):
         beta_o_beta: float = 3.0,
         effect_df: float = 3.0,
         effect_scale: float = 20.0,
+        baseline_prior: MeanPrior = "weak",
     ) -> None:
         self.beta_o_alpha = beta_o_alpha
         self.beta_o_beta = beta_o_beta
         self.effect_df = effect_df
         self.effect_scale = effect_scale
+        self.baseline_prior = baseline_prior
+
+    def configured(self, options: PriorOptions) -> NegBinom:
+        """The same family with the run's baseline-mean prior (see `PriorOptions`)."""
+        return NegBinom(
+            beta_o_alpha=self.beta_o_alpha,
+            beta_o_beta=self.beta_o_beta,
+            effect_df=self.effect_df,
+            effect_scale=self.effect_scale,
+            baseline_prior=options.negbinom_baseline,
+        )
 
     # -- filters, priors, initial values (numpy, fit cells) ------------------------
     @_by_feature_block
@@ -343,17 +357,26 @@ class NegBinom(Family):
         )
 
     def prior_inputs(self, data: FitArrays) -> dict[str, torch.Tensor]:
-        """Gamma prior on mu_ntc with mean = baseline mean, sd = robust SE floored at 10 %.
+        """Gamma prior on mu_ntc: mean = baseline mean, sd = robust SE floored at 10 %
+        ("standard_error", the reference's), or mean = sd = the mean over all fit cells
+        ("weak", the default: an exponential, about one pseudo-count).
 
         From the non-zeros (`sparse_stats`; dense input is made sparse first, so the two
-        agree bit for bit): cost O(non-zeros) but for the features that are mostly
-        non-zero, whose median is taken dense, a block at a time."""
+        agree bit for bit): cost O(non-zeros), but for "standard_error" the features that
+        are mostly non-zero, whose median is taken dense, a block at a time."""
         y, sf = as_sparse(data.y), data.sum_factor
         n_base = max(int((data.groups == 0).sum()), 1)
-        mean = scaled_group_sums(y, sf, data.groups, data.n_groups)[0] / n_base
-        sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
-        sd = np.maximum(sd, (mean + EPSILON) * 0.1)
-        mean = mean + EPSILON
+        sums = scaled_group_sums(y, sf, data.groups, data.n_groups)  # [C, T]
+        mean = sums[0] / n_base + EPSILON
+        if self.baseline_prior == "weak":
+            # an exponential whose mean is the mean over all fit cells: never ~0 for a
+            # feature the filters kept (one with no baseline count still has others'), and
+            # no robust sd needed, so the priors cost O(non-zeros)
+            mean = sums.sum(axis=0) / data.n_cells + EPSILON
+            sd = mean.copy()
+        else:
+            sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
+            sd = np.maximum(sd, mean * 0.1)
         return {
             "mu_mean": torch.as_tensor(mean, dtype=torch.float32),
             "mu_sd": torch.as_tensor(sd, dtype=torch.float32),

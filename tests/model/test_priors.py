@@ -11,7 +11,7 @@ from factories import counts_matrix
 from pyro import poutine
 
 from bayesdream_model.data import FitArrays
-from bayesdream_model.distributions import get_family
+from bayesdream_model.distributions import PriorOptions, get_family
 from bayesdream_model.guides import build_guide
 from bayesdream_model.model import TechnicalModel
 
@@ -55,14 +55,15 @@ def reference_inits(data: FitArrays) -> np.ndarray:
     return np.log2((means[1:] + LOG_EPS) / (means[0] + LOG_EPS))
 
 
-def test_prior_inputs_match_spec_formulas() -> None:
+def test_prior_inputs_match_the_reference_formulas() -> None:
     data = screen()
     ref = reference_priors(data)
     # The matrix exercises every branch: MAD fallback, floored and unfloored s.
     assert (ref["mad"] == 0).any() and (ref["mad"] > 0).any()
     assert (ref["unfloored"] < ref["floor"]).any() and (ref["unfloored"] > ref["floor"]).any()
 
-    inputs = get_family("negbinom").prior_inputs(data)
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
+    inputs = family.prior_inputs(data)
     assert set(inputs) == {"mu_mean", "mu_sd", "beta_o_alpha", "beta_o_beta"}
     for key in ("mu_mean", "mu_sd"):
         assert inputs[key].dtype == torch.float32 and inputs[key].shape == (data.n_features,)
@@ -71,12 +72,28 @@ def test_prior_inputs_match_spec_formulas() -> None:
     assert float(inputs["beta_o_beta"]) == 3.0
 
 
-def test_prior_mean_uses_baseline_cells_only() -> None:
+def test_weak_baseline_prior_is_the_default_an_exponential_at_the_pooled_mean() -> None:
+    """Default: Gamma(1, 1 / m), m = the mean over all fit cells: sd = mean = m, so a
+    feature with no baseline count (the matrix's sparse one) is not pinned at ~0."""
+    data = screen()
+    ref = reference_priors(data)
+    pooled = (data.y / data.sum_factor[:, None]).mean(axis=0) + EPS
+    default = get_family("negbinom").prior_inputs(data)
+    weak = get_family("negbinom").configured(PriorOptions(negbinom_baseline="weak"))
+    np.testing.assert_allclose(default["mu_mean"].numpy(), pooled, rtol=1e-6)
+    np.testing.assert_array_equal(default["mu_sd"].numpy(), default["mu_mean"].numpy())
+    np.testing.assert_array_equal(weak.prior_inputs(data)["mu_sd"].numpy(), default["mu_sd"].numpy())
+    assert ref["mu_mean"][10] == EPS and default["mu_mean"].numpy()[10] > 0.1  # no baseline count
+    # wider than the reference's prior on every feature of this matrix
+    assert (default["mu_sd"].numpy() > ref["mu_sd"]).all()
+
+
+def test_reference_prior_mean_uses_baseline_cells_only() -> None:
     data = screen()
     y = data.y.copy()
     y[data.groups != 0] *= 10.0  # other groups do not move the baseline mean
     shifted = FitArrays(y=y, groups=data.groups, n_groups=3, sum_factor=data.sum_factor)
-    family = get_family("negbinom")
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
     np.testing.assert_array_equal(
         family.prior_inputs(shifted)["mu_mean"], family.prior_inputs(data)["mu_mean"]
     )
