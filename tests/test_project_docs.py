@@ -49,7 +49,13 @@ def test_model_doc_covers_the_options_that_change_the_model() -> None:
         "Bad input",
     ):
         assert heading in text, heading
-    for option in ("guide", "convergence", "init"):
+    for option in (
+        "guide",
+        "convergence",
+        "init",
+        "negbinom_baseline_prior",
+        "multinomial_baseline_prior",
+    ):
         for choice in typing.get_args(FitConfig.model_fields[option].annotation):
             assert f"`{choice}`" in text or f"{option}: {choice}" in text, choice
     readme = (ROOT / "README.md").read_text()
