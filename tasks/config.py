@@ -197,7 +197,8 @@ class FitConfig(BaseModel):
     # multinomial baseline prior: flat = Dirichlet(1), calibrated (default);
     # baseline_counts = Dirichlet(baseline counts + 1), the reference bayesDREAM's
     multinomial_baseline_prior: Literal["flat", "baseline_counts"] = "flat"
-    # negbinom baseline-mean prior: weak = Gamma with sd the mean, calibrated (default);
+    # negbinom baseline-mean prior: weak = an exponential at the feature's mean over all
+    # fit cells, calibrated (default);
     # standard_error = sd the robust standard error floored at 10 % of the mean, the
     # reference bayesDREAM's, which counts the baseline cells twice at low depth
     negbinom_baseline_prior: Literal["weak", "standard_error"] = "weak"
