@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import fields, replace
 from itertools import pairwise
@@ -33,6 +34,7 @@ from bayesdream_model.sparse import SparseCounts, as_sparse, block_width
 from bayesdream_model.sparse_stats import scaled_group_sums, scaled_robust_sd
 from bayesdream_model.stats import constant
 
+log = logging.getLogger(__name__)
 EFFECT_SITE = "log2_alpha_y"
 
 
@@ -377,6 +379,7 @@ class NegBinom(Family):
         else:
             sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
             sd = np.maximum(sd, mean * 0.1)
+            _warn_no_baseline_count(int((sums[0] == 0).sum()), data.n_features)
         return {
             "mu_mean": torch.as_tensor(mean, dtype=torch.float32),
             "mu_sd": torch.as_tensor(sd, dtype=torch.float32),
@@ -469,3 +472,18 @@ class NegBinom(Family):
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
         """T = length of the mu_ntc prior mean."""
         return int(inputs["mu_mean"].shape[-1])
+
+
+def _warn_no_baseline_count(n_features: int, of: int) -> None:
+    """The reference's prior puts such a feature's mu_ntc at Gamma(shape ~1e-8, mean
+    1e-6): its fit may not start (non-finite loss), and lowering the learning rate does
+    not help."""
+    if n_features:
+        log.warning(
+            "%d of %d features have no count in the baseline group; under "
+            "negbinom_baseline_prior: standard_error their baseline mean's prior is a Gamma "
+            "of mean 1e-6 and shape ~1e-8, whose fit may diverge at its first step. "
+            "negbinom_baseline_prior: weak (the default) fits them.",
+            n_features,
+            of,
+        )

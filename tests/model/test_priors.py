@@ -82,7 +82,9 @@ def test_weak_baseline_prior_is_the_default_an_exponential_at_the_pooled_mean() 
     weak = get_family("negbinom").configured(PriorOptions(negbinom_baseline="weak"))
     np.testing.assert_allclose(default["mu_mean"].numpy(), pooled, rtol=1e-6)
     np.testing.assert_array_equal(default["mu_sd"].numpy(), default["mu_mean"].numpy())
-    np.testing.assert_array_equal(weak.prior_inputs(data)["mu_sd"].numpy(), default["mu_sd"].numpy())
+    np.testing.assert_array_equal(
+        weak.prior_inputs(data)["mu_sd"].numpy(), default["mu_sd"].numpy()
+    )
     assert ref["mu_mean"][10] == EPS and default["mu_mean"].numpy()[10] > 0.1  # no baseline count
     # wider than the reference's prior on every feature of this matrix
     assert (default["mu_sd"].numpy() > ref["mu_sd"]).all()
@@ -152,3 +154,17 @@ def test_guides_start_at_the_initial_values(kind: str) -> None:
     else:  # loc [T, D]: each feature's effects come first
         start = guide.loc.detach()[:, : expected.shape[0]].T
     torch.testing.assert_close(start, expected)
+
+
+def test_reference_prior_warns_of_features_with_no_baseline_count(caplog) -> None:
+    """The matrix's sparse feature has no count in the baseline group: the reference's
+    prior puts its mu_ntc at Gamma(mean 1e-6, shape ~1e-8); the default does not."""
+    data = screen()
+    reference = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
+    with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
+        reference.prior_inputs(data)
+    assert "1 of 12 features have no count in the baseline group" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
+        get_family("negbinom").prior_inputs(data)
+    assert caplog.text == ""
