@@ -8,6 +8,8 @@ lgamma terms, computed once), exactly.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -98,11 +100,9 @@ class Multinomial(Family):
 
     def configured(self, options: PriorOptions) -> Multinomial:
         """The same family with the run's baseline prior (see `PriorOptions`)."""
-        return Multinomial(
-            effect_df=self.effect_df,
-            effect_scale=self.effect_scale,
-            baseline_prior=options.multinomial_baseline,
-        )
+        family = copy.copy(self)
+        family.baseline_prior = options.multinomial_baseline
+        return family
 
     def flags(self, data: FitArrays) -> FilterFlags:
         """Zero total; every category's per-cell ratio constant; <= 1 category in all groups."""

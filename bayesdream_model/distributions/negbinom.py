@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -339,13 +340,9 @@ class NegBinom(Family):
 
     def configured(self, options: PriorOptions) -> NegBinom:
         """The same family with the run's baseline-mean prior (see `PriorOptions`)."""
-        return NegBinom(
-            beta_o_alpha=self.beta_o_alpha,
-            beta_o_beta=self.beta_o_beta,
-            effect_df=self.effect_df,
-            effect_scale=self.effect_scale,
-            baseline_prior=options.negbinom_baseline,
-        )
+        family = copy.copy(self)
+        family.baseline_prior = options.negbinom_baseline
+        return family
 
     # -- filters, priors, initial values (numpy, fit cells) ------------------------
     @_by_feature_block
@@ -367,9 +364,7 @@ class NegBinom(Family):
         agree bit for bit): cost O(non-zeros), but for "standard_error" the features that
         are mostly non-zero, whose median is taken dense, a block at a time."""
         y, sf = as_sparse(data.y), data.sum_factor
-        n_base = max(int((data.groups == 0).sum()), 1)
         sums = scaled_group_sums(y, sf, data.groups, data.n_groups)  # [C, T]
-        mean = sums[0] / n_base + EPSILON
         if self.baseline_prior == "weak":
             # an exponential whose mean is the mean over all fit cells: never ~0 for a
             # feature the filters kept (one with no baseline count still has others'), and
@@ -377,6 +372,8 @@ class NegBinom(Family):
             mean = sums.sum(axis=0) / data.n_cells + EPSILON
             sd = mean.copy()
         else:
+            n_base = max(int((data.groups == 0).sum()), 1)
+            mean = sums[0] / n_base + EPSILON
             sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
             sd = np.maximum(sd, mean * 0.1)
             _warn_no_baseline_count(int((sums[0] == 0).sum()), data.n_features)
