@@ -120,6 +120,22 @@ class AutoFeatureMVN(AutoGuide):
                 values[block.name] = self._site(block, z, particles, plates)
         return values
 
+    def feature_point(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The guide's loc [T, D] (a copy) with the feature sites named in `values`
+        (constrained, each at its site's shape) put at their unconstrained values; other
+        names are ignored."""
+        loc = self.loc.detach().clone()
+        for block in self._layout:
+            if block.name not in values:
+                continue
+            support = self.prototype_trace.nodes[block.name]["fn"].support
+            value = torch.as_tensor(values[block.name]).to(loc)
+            unconstrained = biject_to(support).inv(value).movedim(block.axis, 0)
+            loc[:, block.offset : block.offset + block.width] = unconstrained.reshape(
+                loc.shape[0], block.width
+            )
+        return loc
+
     def global_locs(self) -> dict[str, torch.Tensor]:
         """Each global site's guide loc, unconstrained (detached copies)."""
         return {name: getattr(self, f"loc_{name}").detach().clone() for name in self._globals}

@@ -159,10 +159,17 @@ def _start(model, guide, stream: CellStream | None, checkpointing: Checkpointing
     recorded (its guide state replaces the start: the deterministic start is not redone)."""
     if checkpointing is not None and checkpointing.state is not None:
         return checkpointing.state.get("start")
-    second = model.family.second_derivatives
+    family = model.family
     passes = None if stream is None else stream.each_batch
+    begin = {} if model.data is None else family.newton_start(model.inputs, model.data)
     with pyro.validation_enabled(False):  # as in SVI: argument checks cost, NaN is caught
-        return laplace_start(model, guide, second_derivatives=second, passes=passes).summary()
+        return laplace_start(
+            model,
+            guide,
+            second_derivatives=family.second_derivatives,
+            passes=passes,
+            start=begin,
+        ).summary()
 
 
 def svi_settings(options: FitOptions, default_niters: int, *, start: dict | None) -> SviSettings:

@@ -90,6 +90,7 @@ def laplace_start(
     second_derivatives: SecondDerivatives,
     passes: Passes | None = None,
     settings: LaplaceSettings = LaplaceSettings(),
+    start: dict[str, torch.Tensor] | None = None,
 ) -> LaplaceResult:
     """Move `guide`'s per-feature normals to each feature's MAP and Laplace covariance, and
     its global sites (beta_o) to their MAP given the features.
@@ -99,11 +100,15 @@ def laplace_start(
     so two rounds reach the joint MAP. `passes`, for a fit whose cells are streamed, loads
     each batch of cells in turn: every gradient is then the mean of the batches' (scaled)
     gradients, the whole data's exactly, so the start is the in-memory fit's start.
+    `start` (constrained values by site, `Family.newton_start`) is where Newton begins
+    for the sites it names; the others begin at the guide's loc.
     """
     began = time.perf_counter()
+    start = start or {}
     objective = _Objective(model, guide, second_derivatives, passes)
+    objective.set_globals(start)
     newton = _Newton(objective, settings)
-    z, hessian, converged, iterations = newton.run(guide.loc.detach().clone())
+    z, hessian, converged, iterations = newton.run(guide.feature_point(start))
     precision = None
     for _ in range(settings.global_rounds if objective.u.numel() else 0):
         precision, steps = _global_newton(objective, z, settings)
@@ -146,6 +151,15 @@ class _Objective:
         self.shapes = {name: loc.shape for name, loc in locs.items()}
         self.u = torch.cat([loc.reshape(-1) for loc in locs.values()] or [guide.loc.new_zeros(0)])
         self.evaluations = 0  # gradients of the whole data (a pass counts once per point)
+
+    def set_globals(self, values: dict[str, torch.Tensor]) -> None:
+        """Put the globals named in `values` (constrained) at their unconstrained values."""
+        pieces = []
+        for name, (loc,) in self.split(self.u).items():
+            if name in values:
+                loc = self.guide.global_transform(name).inv(torch.as_tensor(values[name]).to(loc))
+            pieces.append(loc.reshape(-1))
+        self.u = torch.cat(pieces) if pieces else self.u
 
     def split(self, *flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
         """Flat global vectors [G] -> each global site's pieces, by name."""

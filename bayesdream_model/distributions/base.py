@@ -166,6 +166,13 @@ class Family(ABC):
     #: the fit matrix may be held as its non-zeros (`bayesdream_model.sparse.SparseCounts`)
     sparse_fit: bool = False
 
+    def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:
+        """Where the Laplace start's Newton iterations begin, for the sites named (their
+        constrained values; default: none, i.e. the guide's initial values): a point near
+        each feature's MAP, from the data the likelihood reads. It moves only Newton's
+        starting point, not the MAP it converges to nor the guide's initial values."""
+        return {}
+
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """`FitTensors.stats` of two disjoint sets of cells, combined (mergeable families)."""
         raise NotImplementedError(f"{self.spec.name}: the likelihood reads every cell")

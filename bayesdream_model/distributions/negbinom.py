@@ -27,6 +27,7 @@ from bayesdream_model.distributions.base import (
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
 from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
+from bayesdream_model.distributions.nb_moments import moment_start
 from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
@@ -419,6 +420,11 @@ class NegBinom(Family):
             n_groups=data.n_groups,
             stats=nb_statistics(data, device),
         )
+
+    def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:
+        """Moment estimates of mu_ntc and o_y, and beta_o given them (`nb_moments`)."""
+        prior = {k: float(inputs[k]) for k in ("beta_o_alpha", "beta_o_beta")}
+        return moment_start(data.stats, **prior)
 
     def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
         """NB log-likelihood of every fit cell and feature (exact; see `nb_log_likelihood`),

@@ -168,13 +168,6 @@ def assert_matches(guide, log_joints: list, z0: torch.Tensor) -> None:
         z_map, cov = reference_laplace(log_joint, z0[t])
         sd = cov.diagonal().sqrt()
         loc = guide.loc.detach()[t].double()
-        print(
-            "DBG",
-            t,
-            float(((loc - z_map).abs() / sd).max()),
-            float(((covariance[t].diagonal().sqrt() / sd - 1).abs()).max()),
-            float(((loc - z0[t]).abs() / sd).max()),
-        )
         assert ((loc - z_map).abs() / sd).max() <= LOC_SDS, (t, loc, z_map, sd)
         got_sd = covariance[t].diagonal().sqrt()
         assert ((got_sd / sd - 1).abs()).max() <= SD_RELATIVE, (t, got_sd, sd)
