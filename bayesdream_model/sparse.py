@@ -164,3 +164,16 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
 def block_width(n_rows: int, *, block_bytes: int = 64 * 2**20) -> int:
     """Features per dense float32 block of `n_rows` cells within `block_bytes`; at least 1."""
     return max(1, block_bytes // max(1, 4 * n_rows))
+
+
+def column_runs(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
+    """Consecutive column ranges [lo, hi) of at most `max_entries` entries each (a column
+    with more is a range of its own); none for a matrix without columns."""
+    n_columns = len(indptr) - 1
+    runs, lo = [], 0
+    while lo < n_columns:
+        hi = int(np.searchsorted(indptr, indptr[lo] + max_entries, side="right")) - 1
+        hi = min(max(hi, lo + 1), n_columns)
+        runs.append((lo, hi))
+        lo = hi
+    return runs

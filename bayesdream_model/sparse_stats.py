@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bayesdream_model.sparse import SparseCounts, block_width
+from bayesdream_model.sparse import SparseCounts, block_width, column_runs
 from bayesdream_model.stats import robust_sd
 
 CHUNK_ENTRIES = 1 << 24  # non-zeros per piece of columns (a few hundred MB of temporaries)
@@ -27,16 +27,11 @@ def scaled_chunks(
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
     """(columns, rows, y / row_scale[rows], column within the piece) of each entry, over
     runs of columns of about `entries` non-zeros each (at least one column)."""
-    entries = CHUNK_ENTRIES if entries is None else entries
-    n, lo = y.shape[1], 0
-    while lo < n:
-        hi = int(np.searchsorted(y.indptr, y.indptr[lo] + entries, side="right")) - 1
-        hi = min(n, max(hi, lo + 1))
+    for lo, hi in column_runs(y.indptr, CHUNK_ENTRIES if entries is None else entries):
         span = slice(y.indptr[lo], y.indptr[hi])
         rows = y.rows[span]
         column = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
         yield slice(lo, hi), rows, y.values[span] / row_scale[rows], column
-        lo = hi
 
 
 def scaled_group_sums(

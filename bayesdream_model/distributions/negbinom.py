@@ -32,7 +32,7 @@ from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
-from bayesdream_model.sparse import SparseCounts, as_sparse, block_width
+from bayesdream_model.sparse import SparseCounts, as_sparse, block_width, column_runs
 from bayesdream_model.sparse_stats import scaled_group_sums, scaled_robust_sd
 from bayesdream_model.stats import constant
 
@@ -81,7 +81,7 @@ def _value_histograms(y: SparseCounts) -> dict[str, np.ndarray]:
     (the temporaries stay small next to the entries themselves)."""
     n_features = y.shape[1]
     pairs, counts = [], []
-    for lo, hi in _column_runs(y.indptr, ENTRY_CHUNK):
+    for lo, hi in column_runs(y.indptr, ENTRY_CHUNK):
         span = slice(y.indptr[lo], y.indptr[hi])
         local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
         run_pairs, run_counts = _value_histogram(local, y.values[span].astype(np.float64), hi - lo)
@@ -139,39 +139,40 @@ EPS_TERMS = 6  # terms of the series of Σ y log1p(ε / μ)
 EPS_SERIES_MAX = 0.1  # ... used while ε / μ <= 0.1 (truncation < 2e-8 of the correction)
 
 
-def _column_runs(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
-    """Consecutive column ranges [lo, hi) of at most `max_entries` entries each (a column
-    with more is a range of its own); an empty matrix is one empty range."""
-    n_columns = len(indptr) - 1
-    runs, lo = [], 0
-    while lo < n_columns:
-        hi = int(np.searchsorted(indptr, indptr[lo] + max_entries, side="right")) - 1
-        hi = min(max(hi, lo + 1), n_columns)
-        runs.append((lo, hi))
-        lo = hi
-    return runs
-
-
 def _value_histogram(
     cols: np.ndarray, values: np.ndarray, n_features: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The distinct (feature, value) pairs [2, P], by feature then value, and their counts.
 
-    Integer keys (feature x distinct value), counted by `bincount` when the table is small
-    (integer counts of modest size: one pass, no sort), else by one 1-D sort; numpy's
-    unique over the columns of a 2-D array sorts structured records and was 20x slower.
+    Integer counts below a cap that keeps the table small (at most HISTOGRAM_BINS keys:
+    feature x value) are counted by `bincount` (one pass, no sort), larger ones (deep
+    features' tails: few) land in an overflow bin and are counted by one 1-D sort of
+    integer keys, as are non-integer values. numpy's unique over the columns of a 2-D
+    array sorts structured records and was 20x slower.
     """
-    top = values.max(initial=0.0)
-    if (
-        n_features * (top + 1) <= HISTOGRAM_BINS
-        and (values == np.round(values)).all()
-        and values.size
-    ):
-        width = int(top) + 1
-        table = np.bincount(cols * width + values.astype(np.int64), minlength=n_features * width)
-        keys = np.flatnonzero(table)
-        feature, value = np.divmod(keys, width)
-        return np.stack([feature.astype(np.float64), value.astype(np.float64)]), table[keys]
+    if not values.size or not (values == np.round(values)).all():
+        return _sorted_histogram(cols, values)
+    cap = int(min(values.max(), HISTOGRAM_BINS // max(n_features, 1) - 2))  # counted <= cap
+    if cap < 0:
+        return _sorted_histogram(cols, values)
+    width = cap + 2  # the last column: every count above the cap
+    keys = cols.astype(np.int64) * width + np.minimum(values, cap + 1).astype(np.int64)
+    table = np.bincount(keys, minlength=n_features * width).reshape(n_features, width)
+    table[:, cap + 1] = 0
+    feature, value = np.nonzero(table)
+    pairs = np.stack([feature.astype(np.float64), value.astype(np.float64)])
+    counts = table[feature, value]
+    above = np.flatnonzero(values > cap)
+    if above.size:  # join them, then by feature and value again (few pairs)
+        more, more_counts = _sorted_histogram(cols[above], values[above])
+        pairs, counts = np.concatenate([pairs, more], axis=1), np.concatenate([counts, more_counts])
+        order = np.lexsort((pairs[1], pairs[0]))
+        pairs, counts = pairs[:, order], counts[order]
+    return pairs, counts
+
+
+def _sorted_histogram(cols: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_value_histogram` by one sort of (feature, distinct value) integer keys."""
     distinct, code = np.unique(values, return_inverse=True)
     keys, counts = np.unique(cols.astype(np.int64) * len(distinct) + code, return_counts=True)
     feature, which = np.divmod(keys, len(distinct))

@@ -97,20 +97,23 @@ def test_log_likelihood_does_not_depend_on_cell_order() -> None:
     )
 
 
-@pytest.mark.parametrize("integers", [True, False])
+@pytest.mark.parametrize(("integers", "bins"), [(True, None), (True, 40 * 6), (False, None)])
 def test_value_histogram_counts_and_sort_paths_agree(
-    monkeypatch: pytest.MonkeyPatch, integers: bool
+    monkeypatch: pytest.MonkeyPatch, integers: bool, bins: int | None
 ) -> None:
-    """The bincount path (integer counts, small table) and the sort path give the same
-    (feature, value) pairs in the same order, with the same counts."""
+    """The bincount path (integer counts up to a cap), the overflow of counts above the cap
+    (`bins` = 40 x 6: counts above 4 are sorted) and the sort path give the same (feature,
+    value) pairs in the same order, with the same counts."""
     rng = np.random.default_rng(0)
     cols = rng.integers(0, 40, size=5000)
     values = rng.poisson(3.0, size=5000).astype(np.float64) + 1.0
     if not integers:
         values += 0.5 * (rng.random(5000) < 0.2)  # corrected counts: the sort path only
+    if bins is not None:
+        monkeypatch.setattr(negbinom, "HISTOGRAM_BINS", bins)
+        assert (values > 4).any() and (values <= 4).any()
     pairs, counts = negbinom._value_histogram(cols, values, 40)
-    monkeypatch.setattr(negbinom, "HISTOGRAM_BINS", 0)
-    sorted_pairs, sorted_counts = negbinom._value_histogram(cols, values, 40)
+    sorted_pairs, sorted_counts = negbinom._sorted_histogram(cols, values)
     np.testing.assert_array_equal(pairs, sorted_pairs)
     np.testing.assert_array_equal(counts, sorted_counts)
     assert counts.sum() == 5000
