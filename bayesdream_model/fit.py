@@ -197,7 +197,7 @@ def _fit_data(family: Family, data: FitArrays | CellSource, device: torch.device
         if family.sparse_fit:
             data = replace(data, y=as_sparse(data.y))  # once, not per use
         tensors = family.tensors(data, device)
-        return family.prior_inputs(data), family.initial_values(data), tensors, None
+        return *family.fit_inputs(data), tensors, None
     priors, inits = blockwise_inputs(family, data)
     if data.n_batches == 1:
         return priors, inits, family.tensors(data.read_batch(0), device), None

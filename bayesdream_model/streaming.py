@@ -111,8 +111,9 @@ def blockwise_inputs(family: Family, source: CellSource) -> tuple[dict, dict]:
     for block in read_ahead(source.feature_blocks()):
         if family.sparse_fit:
             block = replace(block, y=as_sparse(block.y))  # once for both
-        priors.append(family.prior_inputs(block))
-        inits.append(family.initial_values(block))
+        block_priors, block_inits = family.fit_inputs(block)
+        priors.append(block_priors)
+        inits.append(block_inits)
         done += block.n_features
         if done >= next_report or done == source.n_features:
             log.info("priors of features 1-%d of %d computed", done, source.n_features)

@@ -200,9 +200,7 @@ def _checked_dims(name: str, dims: Sequence[str], shape: tuple[int, ...]) -> tup
     return dims
 
 
-def write_strings(
-    group: zarr.Group, name: str, values: Any, *, dims: Sequence[str]
-) -> zarr.Array:
+def write_strings(group: zarr.Group, name: str, values: Any, *, dims: Sequence[str]) -> zarr.Array:
     """A variable-length UTF-8 string array (portable across zarr-v3 readers)."""
     values = np.asarray(values, dtype=str)
     arr = group.create_array(

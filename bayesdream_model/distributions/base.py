@@ -138,6 +138,11 @@ class Family(ABC):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Data-driven initial values (sites not named start at the prior median)."""
 
+    def fit_inputs(self, data: FitArrays) -> tuple[dict, dict]:
+        """(prior inputs, initial values): what the fit computes from the data before it
+        starts (a family whose two share work computes it once)."""
+        return self.prior_inputs(data), self.initial_values(data)
+
     @abstractmethod
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
         """Pyro sample statements for every latent site; returns the site values."""

@@ -365,8 +365,16 @@ class NegBinom(Family):
         From the non-zeros (`sparse_stats`; dense input is made sparse first, so the two
         agree bit for bit): cost O(non-zeros), but for "standard_error" the features that
         are mostly non-zero, whose median is taken dense, a block at a time."""
+        return self._priors(data, _group_sums(data))
+
+    def fit_inputs(self, data: FitArrays) -> tuple[dict, dict]:
+        """Prior inputs and initial values from one pass of group sums over the entries."""
+        sums = _group_sums(data)
+        return self._priors(data, sums), self._inits(data, sums)
+
+    def _priors(self, data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
+        """`prior_inputs` given the size-factor-scaled group sums [C, T]."""
         y, sf = as_sparse(data.y), data.sum_factor
-        sums = scaled_group_sums(y, sf, data.groups, data.n_groups)  # [C, T]
         if self.baseline_prior == "weak":
             # an exponential whose mean is the mean over all fit cells: never ~0 for a
             # feature the filters kept (one with no baseline count still has others'), and
@@ -389,9 +397,13 @@ class NegBinom(Family):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts
         (group sums over the non-zeros)."""
+        return self._inits(data, None if data.n_groups < 2 else _group_sums(data))
+
+    @staticmethod
+    def _inits(data: FitArrays, sums: np.ndarray | None) -> dict[str, torch.Tensor]:
+        """`initial_values` given the size-factor-scaled group sums [C, T]."""
         if data.n_groups < 2:
             return {}
-        sums = scaled_group_sums(as_sparse(data.y), data.sum_factor, data.groups, data.n_groups)
         sizes = np.bincount(data.groups, minlength=data.n_groups).astype(np.float64)
         means = sums / np.maximum(sizes, 1.0)[:, None] + LOG_EPS
         log2_ratio = np.log2(means[1:] / means[0])
@@ -476,6 +488,11 @@ class NegBinom(Family):
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
         """T = length of the mu_ntc prior mean."""
         return int(inputs["mu_mean"].shape[-1])
+
+
+def _group_sums(data: FitArrays) -> np.ndarray:
+    """Σ over each group's cells of y / sf [C, T], from the non-zeros."""
+    return scaled_group_sums(as_sparse(data.y), data.sum_factor, data.groups, data.n_groups)
 
 
 def _warn_no_baseline_count(n_features: int, of: int) -> None:

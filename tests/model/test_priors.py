@@ -168,3 +168,17 @@ def test_reference_prior_warns_of_features_with_no_baseline_count(caplog) -> Non
     with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
         get_family("negbinom").prior_inputs(data)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("baseline", ["weak", "standard_error"])
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_fit_inputs_are_the_prior_inputs_and_initial_values(baseline: str, n_groups: int) -> None:
+    """The fit's one pass over the group sums gives both, bit for bit."""
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline=baseline))
+    data = screen(n_groups)
+    priors, inits = family.fit_inputs(data)
+    expected_priors, expected_inits = family.prior_inputs(data), family.initial_values(data)
+    assert priors.keys() == expected_priors.keys() and inits.keys() == expected_inits.keys()
+    for got, expected in ((priors, expected_priors), (inits, expected_inits)):
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
