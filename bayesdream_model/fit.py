@@ -29,6 +29,7 @@ from bayesdream_model.inference import (
 )
 from bayesdream_model.laplace import laplace_start
 from bayesdream_model.model import TechnicalModel
+from bayesdream_model.recovery import DivergenceError
 from bayesdream_model.sparse import as_sparse
 from bayesdream_model.streaming import CellSource, CellStream, blockwise_inputs, merged_tensors
 
@@ -99,6 +100,7 @@ def fit_technical(
     device = torch.device(options.device)
     pyro.set_rng_seed(options.seed)
     priors, inits, tensors, stream = _fit_data(family, data, device, options.seed)
+    family.check_inputs(priors)
     inputs = {k: v.to(device) for k, v in priors.items()}
     model = TechnicalModel(family, inputs, data.n_groups, tensors, stream)
     n_features = data.n_features
@@ -131,6 +133,11 @@ def fit_technical(
             before_step=None if stream is None else stream.advance,
             start=start,
         )
+    except DivergenceError as err:
+        hint = family.divergence_hint(priors)
+        if not hint:
+            raise
+        raise DivergenceError(f"{err} {hint}") from err
     finally:
         if stream is not None:
             stream.close()

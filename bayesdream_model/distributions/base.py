@@ -171,6 +171,16 @@ class Family(ABC):
     #: the fit matrix may be held as its non-zeros (`bayesdream_model.sparse.SparseCounts`)
     sparse_fit: bool = False
 
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Warn once per fit of what in the prior inputs (all fit features) the user should
+        act on (default: nothing)."""
+        return None
+
+    def divergence_hint(self, inputs: dict[str, torch.Tensor]) -> str:
+        """What in the prior inputs may make a fit diverge, for the error that says it did
+        ('' when nothing is known)."""
+        return ""
+
     def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:
         """Where the Laplace start's Newton iterations begin, for the sites named (their
         constrained values; default: none, i.e. the guide's initial values): a point near

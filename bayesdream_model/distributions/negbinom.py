@@ -29,10 +29,15 @@ from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
 from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
 from bayesdream_model.distributions.nb_moments import moment_start
 from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
+from bayesdream_model.distributions.value_histogram import (
+    SMALL_VALUES,
+    joined_pairs,
+    value_histograms,
+)
 from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
-from bayesdream_model.sparse import SparseCounts, as_sparse, block_width, column_runs
+from bayesdream_model.sparse import SparseCounts, as_sparse, block_width
 from bayesdream_model.sparse_stats import scaled_group_sums, scaled_robust_sd
 from bayesdream_model.stats import constant
 
@@ -56,7 +61,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     sf = np.asarray(data.sum_factor, dtype=np.float64)
     order = np.argsort(groups, kind="stable")
     bounds = np.searchsorted(groups[order], np.arange(data.n_groups + 1))
-    arrays = _value_histograms(y)
+    arrays = value_histograms(y)
     arrays |= log1p_table(sf[order], bounds, data.sf_range)
     x_range = tuple(float(v) for v in arrays["sf_grid"][2:4])
     arrays |= weighted_log1p_table(
@@ -76,54 +81,7 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     }
 
 
-def _value_histograms(y: SparseCounts) -> dict[str, np.ndarray]:
-    """The (feature, value) histogram and -Σ lgamma(y + 1), one run of columns at a time
-    (the temporaries stay small next to the entries themselves)."""
-    n_features = y.shape[1]
-    pairs, counts = [], []
-    for lo, hi in column_runs(y.indptr, ENTRY_CHUNK):
-        span = slice(y.indptr[lo], y.indptr[hi])
-        local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
-        run_pairs, run_counts = _value_histogram(local, y.values[span].astype(np.float64), hi - lo)
-        run_pairs[0] += lo
-        pairs.append(run_pairs)
-        counts.append(run_counts)
-    out = {}
-    out["pair_feature"], out["pair_value"] = np.concatenate([np.zeros((2, 0)), *pairs], axis=1)
-    out["pair_count"] = np.concatenate([np.zeros(0), *counts])
-    lgamma_y1 = torch.lgamma(torch.as_tensor(out["pair_value"]) + 1).numpy()
-    out["constant"] = np.float64(-(out["pair_count"] @ lgamma_y1))
-    out |= _small_pairs(
-        out.pop("pair_feature"), out.pop("pair_value"), out.pop("pair_count"), n_features
-    )
-    return out
-
-
-def _small_pairs(feature: np.ndarray, value: np.ndarray, count: np.ndarray, n_features: int):
-    """The histogram split: integer values 1..SMALL_VALUES, whose lgamma(φ + v) - lgamma(φ)
-    = Σ_{i<v} log(φ + i) is read off one cumulative sum of logs per feature (`small_count`
-    [T, SMALL_VALUES]: how many cells of feature t have the count v + 1), and the rest
-    (`pair_feature`, `pair_value`, `pair_count`), through `shifted_lgamma`."""
-    small = (value == np.round(value)) & (value >= 1) & (value <= SMALL_VALUES)
-    index = (feature[small] * SMALL_VALUES + value[small] - 1).astype(np.int64)
-    table = np.bincount(index, count[small], minlength=n_features * SMALL_VALUES)
-    return {
-        "small_count": table.reshape(n_features, SMALL_VALUES),
-        "pair_feature": feature[~small],
-        "pair_value": value[~small],
-        "pair_count": count[~small],
-    }
-
-
-SMALL_VALUES = 16
 GRIDS = ("sf_grid", "yl_grid")  # the tables' grids: equal in statistics that merge
-
-
-def _joined_pairs(feature: torch.Tensor, value: torch.Tensor, count: torch.Tensor) -> dict:
-    """(feature, value) pairs with their counts, duplicates summed."""
-    keys, inverse = torch.unique(torch.stack([feature.double(), value]), dim=1, return_inverse=True)
-    total = torch.zeros(keys.shape[1], dtype=count.dtype).index_add_(0, inverse, count)
-    return {"pair_feature": keys[0].long(), "pair_value": keys[1], "pair_count": total}
 
 
 def _floors(sf_sorted: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -134,52 +92,8 @@ def _floors(sf_sorted: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return LOG_EPS / (EPS_SERIES_MAX * np.asarray(smallest))
 
 
-ENTRY_CHUNK = 1 << 22  # entries per column run while building the statistics
 EPS_TERMS = 6  # terms of the series of Σ y log1p(ε / μ)
 EPS_SERIES_MAX = 0.1  # ... used while ε / μ <= 0.1 (truncation < 2e-8 of the correction)
-
-
-def _value_histogram(
-    cols: np.ndarray, values: np.ndarray, n_features: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (feature, value) pairs [2, P], by feature then value, and their counts.
-
-    Integer counts below a cap that keeps the table small (at most HISTOGRAM_BINS keys:
-    feature x value) are counted by `bincount` (one pass, no sort), larger ones (deep
-    features' tails: few) land in an overflow bin and are counted by one 1-D sort of
-    integer keys, as are non-integer values. numpy's unique over the columns of a 2-D
-    array sorts structured records and was 20x slower.
-    """
-    if not values.size or not (values == np.round(values)).all():
-        return _sorted_histogram(cols, values)
-    cap = int(min(values.max(), HISTOGRAM_BINS // max(n_features, 1) - 2))  # counted <= cap
-    if cap < 0:
-        return _sorted_histogram(cols, values)
-    width = cap + 2  # the last column: every count above the cap
-    keys = cols.astype(np.int64) * width + np.minimum(values, cap + 1).astype(np.int64)
-    table = np.bincount(keys, minlength=n_features * width).reshape(n_features, width)
-    table[:, cap + 1] = 0
-    feature, value = np.nonzero(table)
-    pairs = np.stack([feature.astype(np.float64), value.astype(np.float64)])
-    counts = table[feature, value]
-    above = np.flatnonzero(values > cap)
-    if above.size:  # join them, then by feature and value again (few pairs)
-        more, more_counts = _sorted_histogram(cols[above], values[above])
-        pairs, counts = np.concatenate([pairs, more], axis=1), np.concatenate([counts, more_counts])
-        order = np.lexsort((pairs[1], pairs[0]))
-        pairs, counts = pairs[:, order], counts[order]
-    return pairs, counts
-
-
-def _sorted_histogram(cols: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`_value_histogram` by one sort of (feature, distinct value) integer keys."""
-    distinct, code = np.unique(values, return_inverse=True)
-    keys, counts = np.unique(cols.astype(np.int64) * len(distinct) + code, return_counts=True)
-    feature, which = np.divmod(keys, len(distinct))
-    return np.stack([feature.astype(np.float64), distinct[which]]), counts
-
-
-HISTOGRAM_BINS = 1 << 23  # 64 MB of int64 counts at most
 
 
 def nb_log_likelihood(
@@ -321,7 +235,7 @@ class NegBinom(Family):
         out = {key: a[key] for key in GRIDS}
         out["sf_floor"] = torch.maximum(a["sf_floor"], b["sf_floor"])
         pairs = ("pair_feature", "pair_value", "pair_count")
-        out |= _joined_pairs(*(torch.cat([a[k], b[k]]) for k in pairs))
+        out |= joined_pairs(*(torch.cat([a[k], b[k]]) for k in pairs))
         skip = {*out, *pairs}
         return out | {k: a[k] + b[k] for k in a if k not in skip}
 
@@ -386,7 +300,6 @@ class NegBinom(Family):
             mean = sums[0] / n_base + EPSILON
             sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
             sd = np.maximum(sd, mean * 0.1)
-            _warn_no_baseline_count(int((sums[0] == 0).sum()), data.n_features)
         return {
             "mu_mean": torch.as_tensor(mean, dtype=torch.float32),
             "mu_sd": torch.as_tensor(sd, dtype=torch.float32),
@@ -432,6 +345,36 @@ class NegBinom(Family):
             groups=torch.as_tensor(data.groups, dtype=torch.int64, device=device),
             n_groups=data.n_groups,
             stats=nb_statistics(data, device),
+        )
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Under the reference's prior, warn of features with no baseline count."""
+        if self._no_baseline_count(inputs):
+            log.warning("%s", self._no_baseline_text(inputs))
+
+    def divergence_hint(self, inputs: dict[str, torch.Tensor]) -> str:
+        """Features with no baseline count under the reference's prior, if any."""
+        return self._no_baseline_text(inputs) if self._no_baseline_count(inputs) else ""
+
+    def _no_baseline_count(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Features whose prior mean is ε alone: no count in the baseline group (under
+        "standard_error"; the weak prior's mean pools every group, > 0 for a kept feature).
+        Any count adds at least 1 / (sf N) >> ε's float32 spacing to the mean."""
+        if self.baseline_prior != "standard_error":
+            return 0
+        mean = inputs["mu_mean"]
+        return int((mean == torch.tensor(EPSILON, dtype=mean.dtype)).sum())
+
+    def _no_baseline_text(self, inputs: dict[str, torch.Tensor]) -> str:
+        """The reference's prior puts such a feature's mu_ntc at Gamma(shape ~1e-8, mean
+        1e-6): its fit may not start (non-finite loss), and lowering the learning rate does
+        not help."""
+        return (
+            f"{self._no_baseline_count(inputs)} of {inputs['mu_mean'].shape[-1]} features "
+            "have no count in the baseline group; under negbinom_baseline_prior: "
+            "standard_error their baseline mean's prior is a Gamma of mean 1e-6 and shape "
+            "~1e-8, whose fit may diverge at its first step (a lower fit.lr does not help). "
+            "negbinom_baseline_prior: weak (the default) fits them."
         )
 
     def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:
@@ -493,18 +436,3 @@ class NegBinom(Family):
 def _group_sums(data: FitArrays) -> np.ndarray:
     """Σ over each group's cells of y / sf [C, T], from the non-zeros."""
     return scaled_group_sums(as_sparse(data.y), data.sum_factor, data.groups, data.n_groups)
-
-
-def _warn_no_baseline_count(n_features: int, of: int) -> None:
-    """The reference's prior puts such a feature's mu_ntc at Gamma(shape ~1e-8, mean
-    1e-6): its fit may not start (non-finite loss), and lowering the learning rate does
-    not help."""
-    if n_features:
-        log.warning(
-            "%d of %d features have no count in the baseline group; under "
-            "negbinom_baseline_prior: standard_error their baseline mean's prior is a Gamma "
-            "of mean 1e-6 and shape ~1e-8, whose fit may diverge at its first step. "
-            "negbinom_baseline_prior: weak (the default) fits them.",
-            n_features,
-            of,
-        )

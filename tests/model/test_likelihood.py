@@ -15,7 +15,7 @@ from factories import counts_matrix
 from pyro import poutine
 
 from bayesdream_model.data import FitArrays
-from bayesdream_model.distributions import get_family, negbinom
+from bayesdream_model.distributions import get_family, value_histogram
 from bayesdream_model.plates import Plates
 
 LOG_EPS = 1e-8
@@ -110,10 +110,10 @@ def test_value_histogram_counts_and_sort_paths_agree(
     if not integers:
         values += 0.5 * (rng.random(5000) < 0.2)  # corrected counts: the sort path only
     if bins is not None:
-        monkeypatch.setattr(negbinom, "HISTOGRAM_BINS", bins)
+        monkeypatch.setattr(value_histogram, "HISTOGRAM_BINS", bins)
         assert (values > 4).any() and (values <= 4).any()
-    pairs, counts = negbinom._value_histogram(cols, values, 40)
-    sorted_pairs, sorted_counts = negbinom._sorted_histogram(cols, values)
+    pairs, counts = value_histogram._value_histogram(cols, values, 40)
+    sorted_pairs, sorted_counts = value_histogram._sorted_histogram(cols, values)
     np.testing.assert_array_equal(pairs, sorted_pairs)
     np.testing.assert_array_equal(counts, sorted_counts)
     assert counts.sum() == 5000

@@ -10,10 +10,14 @@ import torch
 from factories import counts_matrix
 from pyro import poutine
 
+import bayesdream_model.fit
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import PriorOptions, get_family
+from bayesdream_model.fit import FitOptions, fit_technical
 from bayesdream_model.guides import build_guide
 from bayesdream_model.model import TechnicalModel
+from bayesdream_model.recovery import DivergenceError
+from bayesdream_model.streaming import InMemoryCells
 
 EPS = 1e-6  # the model's epsilon
 LOG_EPS = 1e-8  # pseudocount of the log2-ratio initial values
@@ -162,12 +166,47 @@ def test_reference_prior_warns_of_features_with_no_baseline_count(caplog) -> Non
     data = screen()
     reference = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
     with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
-        reference.prior_inputs(data)
+        reference.check_inputs(reference.prior_inputs(data))
     assert "1 of 12 features have no count in the baseline group" in caplog.text
+    assert "negbinom_baseline_prior: weak" in reference.divergence_hint(
+        reference.prior_inputs(data)
+    )
     caplog.clear()
+    default = get_family("negbinom")
     with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
-        get_family("negbinom").prior_inputs(data)
-    assert caplog.text == ""
+        default.check_inputs(default.prior_inputs(data))
+    assert caplog.text == "" and default.divergence_hint(default.prior_inputs(data)) == ""
+
+
+def test_streamed_fit_warns_once_of_features_with_no_baseline_count(caplog) -> None:
+    """Priors computed feature block by block: one warning for the fit, counting all."""
+    data = screen()
+    y = data.y.copy()
+    y[data.groups == 0, :3] = 0.0  # 3 more without a baseline count (blocks 1-2; 10 in 6)
+    data = FitArrays(y=y, groups=data.groups, n_groups=3, sum_factor=data.sum_factor)
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
+    source = InMemoryCells(data, batch_cells=15, block_features=2)
+    with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
+        fit_technical(family, source, FitOptions(niters=2))
+    assert caplog.text.count("features have no count in the baseline group") == 1
+    assert "4 of 12 features have no count" in caplog.text
+
+
+def test_a_diverging_fit_names_the_features_with_no_baseline_count(monkeypatch) -> None:
+    """The error says what to change (the prior), not only "lower fit.lr"."""
+
+    def diverge(*args, **kwargs):
+        raise DivergenceError("SVI diverged at step 0 (non-finite loss). Lower fit.lr.")
+
+    monkeypatch.setattr(bayesdream_model.fit, "run_svi", diverge)
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline="standard_error"))
+    with pytest.raises(
+        DivergenceError, match=r"Lower fit.lr. 1 of 12 features have no count.*weak"
+    ):
+        fit_technical(family, screen(), FitOptions(niters=2))
+    with pytest.raises(DivergenceError) as plain:
+        fit_technical(get_family("negbinom"), screen(), FitOptions(niters=2))
+    assert "baseline" not in str(plain.value)
 
 
 @pytest.mark.parametrize("baseline", ["weak", "standard_error"])
