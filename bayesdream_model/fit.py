@@ -151,7 +151,7 @@ def fit_technical(
 #: a closing anneal of max(50 steps, 25 %) instead of 250 / 3 / 1 / max(1,000, 25 %):
 #: 125 steps at the least. On the 4,000 x 3,000 negbinom screens (0.08 to 50 counts a
 #: cell) the posterior right after the Laplace start already recovered the effects as
-#: well as after 300-562 steps (correlation, RMSE and 90 % coverage within 0.001), and
+#: well as after 300-562 steps (correlation, RMSE and 90 % coverage within 0.002), and
 #: 25-step windows gave the same recovery as 50-step ones in half the steps, for every
 #: family (benchmarks/bench_steps.py)
 LAPLACE_SCHEDULE = {
