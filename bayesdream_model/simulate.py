@@ -34,20 +34,24 @@ def simulate_negbinom_screen(
     ntc_fraction: float = 1.0,
     effect_sd: float = 0.5,
     mu_median: float = 5.0,
+    phi_median: float = 5.0,
+    sf_sd: float = 0.3,
     seed: int = 0,
 ) -> SimulatedScreen:
     """Draw a screen whose groups shift every feature by a known log2 factor.
 
     `mu_median` is the median baseline mean per unit size factor (log-normal, sd 1 on
     the log scale): 5 gives ~10 % zeros, 0.08 ~89 % zeros as in droplet data.
+    `phi_median`: the median dispersion (log-normal, sd 0.5; smaller is more overdispersed);
+    `sf_sd`: the sd of the log size factors.
     """
     rng = np.random.default_rng(seed)
     groups = np.sort(rng.integers(0, n_groups, size=n_cells))
     groups[:n_groups] = np.arange(n_groups)  # every group present
     rng.shuffle(groups)
-    sum_factor = rng.lognormal(0.0, 0.3, size=n_cells)
+    sum_factor = rng.lognormal(0.0, sf_sd, size=n_cells)
     mu = rng.lognormal(np.log(mu_median), 1.0, size=n_features)
-    phi = rng.lognormal(np.log(5.0), 0.5, size=n_features)
+    phi = rng.lognormal(np.log(phi_median), 0.5, size=n_features)
     log2_alpha = rng.normal(0.0, effect_sd, size=(n_groups, n_features))
     log2_alpha[0] = 0.0
     mean = mu[:, None] * np.exp2(log2_alpha[groups].T) * sum_factor[None, :]  # [T, N]

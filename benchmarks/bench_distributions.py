@@ -314,6 +314,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="negbinom: median baseline mean per unit size factor (5: ~10 %% zeros; "
         "0.08: ~89 %% zeros, droplet-like)",
     )
+    p.add_argument(
+        "--nb-phi",
+        type=float,
+        default=5.0,
+        help="negbinom: median dispersion phi (default 5; 1: as overdispersed as many "
+        "droplet screens)",
+    )
+    p.add_argument(
+        "--sf-sd",
+        type=float,
+        default=0.3,
+        help="negbinom: sd of the log size factors (default 0.3; 0.7: library sizes "
+        "spread as in droplet screens)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed SVI steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed SVI steps first (default 5)")
     p.add_argument("--nsamples", type=int, default=1000, help="posterior draws (default 1000)")

@@ -25,7 +25,12 @@ def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
     size = {"n_cells": args.cells, "n_features": args.features, "n_groups": args.groups}
     if name == "negbinom":
         s = sim.simulate_negbinom_screen(
-            **size, effect_sd=args.effect_sd, mu_median=args.nb_mean, seed=args.seed
+            **size,
+            effect_sd=args.effect_sd,
+            mu_median=args.nb_mean,
+            phi_median=args.nb_phi,
+            sf_sd=args.sf_sd,
+            seed=args.seed,
         )
         return {
             "y": s.counts,

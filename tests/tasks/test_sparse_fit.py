@@ -106,3 +106,33 @@ def test_fit_step_holds_negbinom_sparse_and_streams_only_what_does_not_fit(
     forced = load_config(tmp_path / "config.yaml", ["fit.stream_cells=always", "fit.cell_batch=20"])
     assert fit_modality(root, "m", forced.fit)["cells_streamed"]
     assert root[fit_key("m")].attrs["fit_matrix_sparse"] is False
+
+
+def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_counts: None
+) -> None:
+    """A few evenly spread feature blocks estimate the non-zeros: far over the limit, the
+    fit streams without reading the store sparse first; within it, the read decides."""
+    monkeypatch.setattr(tasks.prepare, "FEATURE_CHUNK", 1)
+    monkeypatch.setattr(tasks.prepare, "SAMPLED_BLOCKS", 2)
+    root, _ = npy_store(tmp_path, "negbinom", 3)
+    groups = read_groups(root)
+    features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
+    nonzero = read_sparse_fit_arrays(root, "m", groups, features=features).y.nnz
+    estimate = tasks.prepare.estimated_nonzero(root, "m", groups, features)
+    assert len(features) == 4 and 0.5 * nonzero <= estimate <= 2 * nonzero
+    plan = plan_fit(n_cells=60, entries_per_cell=4, budget=_budget(1))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the store was read sparse")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tasks.prepare, "read_sparse_fit_arrays", refuse)
+        tight = _budget(sparse_bytes(estimate // 2, 60, 4))
+        streamed, data = tasks.prepare.held_sparse(
+            root, "m", groups, features, plan=plan, budget=tight
+        )
+    assert data is None and f"~{estimate:,} non-zeros (from 2 feature blocks)" in streamed.reason
+    roomy = _budget(sparse_bytes(max(estimate, nonzero), 60, 4))
+    held, data = tasks.prepare.held_sparse(root, "m", groups, features, plan=plan, budget=roomy)
+    assert data is not None and data.y.nnz == nonzero and held.sparse
