@@ -14,7 +14,7 @@ gets the same start as one in memory):
 Where the counts say little about φ (few counts, or less spread than Poisson), the
 moment estimate is noise or negative and the MAP sits near the prior's mode of o_y, so
 the start is o = sqrt(1/φ̂⁺ + o_floor²) with o_floor half that mode: on simulated
-screens from 0.08 to 50 counts a cell, Newton then needs 3-14 iterations instead of
+screens from 0.08 to 50 counts a cell, Newton then needs 6-13 iterations instead of
 23-38 from the prior's median.
 """
 
