@@ -111,14 +111,7 @@ def read_sparse_fit_arrays(
     def blocks():
         found = 0
         for start in range(0, len(features), FEATURE_CHUNK):
-            chunk = features[start : start + FEATURE_CHUNK]
-            # [cells, features] as a view of the [features, cells] read: column-major, the
-            # order `SparseCounts.from_blocks` scans fastest (no transposing copy, no sort)
-            block = np.swapaxes(
-                counts.get_orthogonal_selection((chunk, cells)).astype(np.float32, copy=False),
-                0,
-                1,
-            )
+            block = _feature_major(counts, cells, features[start : start + FEATURE_CHUNK])
             found += np.count_nonzero(block)
             if found > limit:
                 raise _TooManyNonzeros
@@ -143,21 +136,27 @@ SAMPLED_BLOCKS = 6
 ESTIMATE_MARGIN = 1.25
 
 
+def _feature_major(counts: zarr.Array, cells: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """[cells, features] float32 as a view of the store's [features, cells] read: column-
+    major, the order `SparseCounts.from_blocks` scans fastest (no transposing copy, no sort)."""
+    values = counts.get_orthogonal_selection((chunk, cells))
+    return np.swapaxes(values.astype(np.float32, copy=False), 0, 1)
+
+
 def estimated_nonzero(
-    root: zarr.Group, name: str, groups: GroupAssignment, features: np.ndarray
+    root: zarr.Group, name: str, cells: np.ndarray, features: np.ndarray
 ) -> int | None:
-    """The fit cells' non-zeros over `features`, scaled up from SAMPLED_BLOCKS blocks of
-    FEATURE_CHUNK features spread evenly over them; None when there are no more blocks
-    than that (reading them all is the sparse read itself)."""
+    """The non-zeros of the fit cells `cells` over `features`, scaled up from
+    SAMPLED_BLOCKS blocks of FEATURE_CHUNK features spread evenly over them; None when
+    there are no more blocks than that (reading them all is the sparse read itself)."""
     n_blocks = -(-len(features) // FEATURE_CHUNK)
     if n_blocks <= SAMPLED_BLOCKS:
         return None
     counts = root[inputs_key(name)]["counts"]
-    cells = fit_cell_index(root, name, groups)
     found = seen = 0
     for block in np.linspace(0, n_blocks - 1, SAMPLED_BLOCKS).round().astype(int):
         chunk = features[block * FEATURE_CHUNK : (block + 1) * FEATURE_CHUNK]
-        found += int(np.count_nonzero(counts.get_orthogonal_selection((chunk, cells))))
+        found += int(np.count_nonzero(_feature_major(counts, cells, chunk)))
         seen += len(chunk)
     return round(found * len(features) / seen)
 
@@ -180,9 +179,10 @@ def held_sparse(
     family = get_family(root[inputs_key(name)].attrs["distribution"])
     if not family.sparse_fit or mode == "always":
         return plan, None
-    n_cells = len(fit_cell_index(root, name, groups))
+    cells = fit_cell_index(root, name, groups)
+    n_cells = len(cells)
     limit = None if mode == "never" else max_sparse_nonzero(budget, n_cells, len(features))
-    estimate = None if limit is None else estimated_nonzero(root, name, groups, features)
+    estimate = None if limit is None else estimated_nonzero(root, name, cells, features)
     if estimate is not None and estimate > ESTIMATE_MARGIN * limit:
         reason = f"~{estimate:,} non-zeros (from {SAMPLED_BLOCKS} feature blocks) > {limit:,}"
         return replace(plan, reason=f"{plan.reason}; {reason}: not sparse either"), None

@@ -310,10 +310,10 @@ class NegBinom(Family):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts
         (group sums over the non-zeros)."""
-        return self._inits(data, None if data.n_groups < 2 else _group_sums(data))
+        return {} if data.n_groups < 2 else self._inits(data, _group_sums(data))
 
     @staticmethod
-    def _inits(data: FitArrays, sums: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def _inits(data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
         """`initial_values` given the size-factor-scaled group sums [C, T]."""
         if data.n_groups < 2:
             return {}
@@ -349,32 +349,29 @@ class NegBinom(Family):
 
     def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         """Under the reference's prior, warn of features with no baseline count."""
-        if self._no_baseline_count(inputs):
-            log.warning("%s", self._no_baseline_text(inputs))
+        if hint := self.divergence_hint(inputs):
+            log.warning("%s", hint)
 
     def divergence_hint(self, inputs: dict[str, torch.Tensor]) -> str:
-        """Features with no baseline count under the reference's prior, if any."""
-        return self._no_baseline_text(inputs) if self._no_baseline_count(inputs) else ""
+        """Features with no baseline count under the reference's prior, if any: it puts
+        such a feature's mu_ntc at Gamma(shape ~1e-8, mean 1e-6), whose fit may not start
+        (non-finite loss), and lowering the learning rate does not help.
 
-    def _no_baseline_count(self, inputs: dict[str, torch.Tensor]) -> int:
-        """Features whose prior mean is ε alone: no count in the baseline group (under
-        "standard_error"; the weak prior's mean pools every group, > 0 for a kept feature).
-        Any count adds at least 1 / (sf N) >> ε's float32 spacing to the mean."""
+        They are the features whose prior mean is ε alone (under "standard_error"; the
+        weak prior's mean pools every group, > 0 for a kept feature): any count adds at
+        least 1 / (sf N) >> ε's float32 spacing to the mean."""
         if self.baseline_prior != "standard_error":
-            return 0
+            return ""
         mean = inputs["mu_mean"]
-        return int((mean == torch.tensor(EPSILON, dtype=mean.dtype)).sum())
-
-    def _no_baseline_text(self, inputs: dict[str, torch.Tensor]) -> str:
-        """The reference's prior puts such a feature's mu_ntc at Gamma(shape ~1e-8, mean
-        1e-6): its fit may not start (non-finite loss), and lowering the learning rate does
-        not help."""
+        count = int((mean == torch.tensor(EPSILON, dtype=mean.dtype)).sum())
+        if not count:
+            return ""
         return (
-            f"{self._no_baseline_count(inputs)} of {inputs['mu_mean'].shape[-1]} features "
-            "have no count in the baseline group; under negbinom_baseline_prior: "
-            "standard_error their baseline mean's prior is a Gamma of mean 1e-6 and shape "
-            "~1e-8, whose fit may diverge at its first step (a lower fit.lr does not help). "
-            "negbinom_baseline_prior: weak (the default) fits them."
+            f"{count} of {mean.shape[-1]} features have no count in the baseline group; "
+            "under negbinom_baseline_prior: standard_error their baseline mean's prior is a "
+            "Gamma of mean 1e-6 and shape ~1e-8, whose fit may diverge at its first step (a "
+            "lower fit.lr does not help). negbinom_baseline_prior: weak (the default) fits "
+            "them."
         )
 
     def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:

@@ -75,10 +75,9 @@ def _value_histogram(
     integer keys, as are non-integer values. numpy's unique over the columns of a 2-D
     array sorts structured records and was 20x slower.
     """
-    if not values.size or not (values == np.round(values)).all():
-        return _sorted_histogram(cols, values)
-    cap = int(min(values.max(), HISTOGRAM_BINS // max(n_features, 1) - 2))  # counted <= cap
-    if cap < 0:
+    top = values.max(initial=0.0)
+    cap = int(min(top, HISTOGRAM_BINS // max(n_features, 1) - 2))  # counted <= cap
+    if not values.size or cap < 0 or not (values == np.round(values)).all():
         return _sorted_histogram(cols, values)
     width = cap + 2  # the last column: every count above the cap
     keys = cols.astype(np.int64) * width + np.minimum(values, cap + 1).astype(np.int64)

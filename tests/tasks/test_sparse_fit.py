@@ -119,7 +119,8 @@ def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
     nonzero = read_sparse_fit_arrays(root, "m", groups, features=features).y.nnz
-    estimate = tasks.prepare.estimated_nonzero(root, "m", groups, features)
+    cells = tasks.prepare.fit_cell_index(root, "m", groups)
+    estimate = tasks.prepare.estimated_nonzero(root, "m", cells, features)
     assert len(features) == 4 and 0.5 * nonzero <= estimate <= 2 * nonzero
     plan = plan_fit(n_cells=60, entries_per_cell=4, budget=_budget(1))
 
