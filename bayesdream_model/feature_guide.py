@@ -136,6 +136,18 @@ class AutoFeatureMVN(AutoGuide):
             )
         return loc
 
+    def feature_locs(self) -> dict[str, torch.Tensor]:
+        """Each feature site's guide loc (its posterior mean, unconstrained), at the site's
+        shape without the sample dims (detached copies)."""
+        loc = self.loc.detach()
+        return {
+            block.name: loc[:, block.offset : block.offset + block.width]
+            .reshape(block.moved)
+            .movedim(0, block.axis)
+            .clone()
+            for block in self._layout
+        }
+
     def global_locs(self) -> dict[str, torch.Tensor]:
         """Each global site's guide loc, unconstrained (detached copies)."""
         return {name: getattr(self, f"loc_{name}").detach().clone() for name in self._globals}

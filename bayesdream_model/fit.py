@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -72,6 +72,11 @@ class FittedModel:
     guide_kind: GuideKind
     n_features: int
     svi: SviResult | None = None
+    #: what the posterior draws are refined with (`Family.refine_draws`; {}: nothing)
+    refinement: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per fit feature, bool [T] by name: what the results flag (`Family.feature_flags`,
+    #: and `start_not_converged`: kept the initial values at the Laplace start)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
 
     def params(self) -> dict[str, np.ndarray]:
         """The guide's state (unconstrained parameters), for storage."""
@@ -141,7 +146,41 @@ def fit_technical(
     finally:
         if stream is not None:
             stream.close()
-    return FittedModel(family, replace(model, stream=None), guide, choice.kind, n_features, result)
+    after = _after_fit(model, guide, choice.kind, start, n_features)
+    return FittedModel(
+        family, replace(model, stream=None), guide, choice.kind, n_features, result, *after
+    )
+
+
+def _after_fit(model, guide, kind: GuideKind, start: dict | None, n_features: int):
+    """(refinement, flags) of a finished fit: the family's, from the data's statistics
+    where the likelihood reads them (a fit whose cells are streamed one batch per step
+    has none), and the features that kept their initial values at the Laplace start."""
+    flags = _start_flags(start, n_features)
+    data = model.data
+    if data is None or not data.stats:
+        return {}, flags
+    with torch.no_grad():
+        family_flags = model.family.feature_flags(model.inputs, data)
+        refinement = {}
+        if kind == "feature_mvn":
+            refinement = model.family.refinement(model.inputs, data, guide.feature_locs())
+    if refinement:
+        log.info(
+            "posterior of the baseline mean of %d features with few baseline counts: exact "
+            "(on a grid), not the guide's normal",
+            refinement["features"].numel(),
+        )
+    return refinement, flags | {k: v.cpu().numpy() for k, v in family_flags.items()}
+
+
+def _start_flags(start: dict | None, n_features: int) -> dict[str, np.ndarray]:
+    """`start_not_converged` [T] after a Laplace start (none without one)."""
+    if start is None:
+        return {}
+    kept = np.zeros(n_features, dtype=bool)
+    kept[np.asarray(start.get("kept_features", []), dtype=np.int64)] = True
+    return {"start_not_converged": kept}
 
 
 #: the schedule after a Laplace start: the fit starts at its plateau, so Adam runs at
@@ -204,8 +243,10 @@ def _fit_data(family: Family, data: FitArrays | CellSource, device: torch.device
         if family.sparse_fit:
             data = replace(data, y=as_sparse(data.y))  # once, not per use
         tensors = family.tensors(data, device)
-        return *family.fit_inputs(data), tensors, None
+        priors, inits = family.fit_inputs(data)
+        return family.finish_inputs(priors), inits, tensors, None
     priors, inits = blockwise_inputs(family, data)
+    priors = family.finish_inputs(priors)
     if data.n_batches == 1:
         return priors, inits, family.tensors(data.read_batch(0), device), None
     tensors = merged_tensors(family, data, device)
@@ -224,6 +265,7 @@ def restore_fitted(
     guide_kind: GuideKind,
     n_groups: int,
     device: str = "cpu",
+    refinement: dict[str, np.ndarray] | None = None,
 ) -> FittedModel:
     """Rebuild a fitted guide from stored prior inputs and guide parameters (no data)."""
     tensors = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
@@ -237,4 +279,6 @@ def restore_fitted(
         raise ModelError(
             f"Stored guide parameters do not match the {guide_kind} guide: {err}"
         ) from err
-    return FittedModel(family, model, guide, guide_kind, family.n_features(tensors))
+    refined = {k: torch.as_tensor(v, device=device) for k, v in (refinement or {}).items()}
+    n_features = family.n_features(tensors)
+    return FittedModel(family, model, guide, guide_kind, n_features, refinement=refined)

@@ -77,6 +77,7 @@ class LaplaceResult:
     features_converged: int
     features_kept_start: int
     seconds: float
+    kept_features: list[int]  # the features that kept their start (indices)
 
     def summary(self) -> dict:
         """Plain data (stored with the fit and in its checkpoints)."""
@@ -127,7 +128,10 @@ def laplace_start(
         features_converged=int(use.sum()),
         features_kept_start=int((~use).sum()),
         seconds=round(time.perf_counter() - began, 3),
+        kept_features=torch.nonzero(~use).flatten().tolist(),
     )
+    if result.features_kept_start:
+        _warn_kept(converged, ok, settings)
     log.info(
         "Laplace start: %d features at their MAP after %d Newton iterations (%d gradient "
         "evaluations, %.1f s); %d kept the initial values",
@@ -138,6 +142,19 @@ def laplace_start(
         result.features_kept_start,
     )
     return result
+
+
+def _warn_kept(converged: torch.Tensor, ok: torch.Tensor, settings: LaplaceSettings) -> None:
+    """Why features kept the initial values, counted (they are flagged in the results)."""
+    log.warning(
+        "Laplace start: %d features kept their initial values (%d did not reach their MAP "
+        "within %d Newton iterations, %d had no positive-definite curvature there); the fit "
+        "runs the long schedule, and the results flag them (start_not_converged)",
+        int((~(converged & ok)).sum()),
+        int((~converged).sum()),
+        settings.max_iters,
+        int((converged & ~ok).sum()),
+    )
 
 
 class _Objective:

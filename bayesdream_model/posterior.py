@@ -57,6 +57,8 @@ def draw_range(
     """
     pyro.set_rng_seed((seed * 1_000_003 + start) % 2**32)  # numpy's seeds are 32-bit
     draws = draw_batch(fitted, stop - start, parallel=parallel)
+    if fitted.refinement:
+        draws = fitted.family.refine_draws(draws, fitted.refinement)
     derived = fitted.family.derive(draws, fitted.model.n_groups, fitted.model.inputs)
     return {k: v.detach().cpu().numpy() for k, v in derived.items()}
 

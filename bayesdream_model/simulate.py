@@ -112,14 +112,27 @@ def simulate_continuous(
     n_groups: int,
     student_df: float | None = None,
     missing: float = 0.1,
+    shift_scale: float | None = None,
+    group_fractions: tuple[float, ...] | None = None,
     seed: int = 0,
 ) -> SimulatedModality:
-    """y = mu + effect[g] + sigma * noise (Normal, or Student-t with `student_df`); NaN missing."""
+    """y = mu + effect[g] + sigma * noise (Normal, or Student-t with `student_df`); NaN missing.
+
+    Effects are N(0, 0.5²), or with `shift_scale` N(0, (shift_scale · sigma_t)²): shifts
+    between groups of the size of each feature's own spread. `group_fractions`: groups
+    drawn with these shares (default: uniform)."""
     rng = np.random.default_rng(seed)
-    groups = _groups(rng, n_cells, n_groups)
+    if group_fractions is None:
+        groups = _groups(rng, n_cells, n_groups)
+    else:
+        shares = np.asarray(group_fractions, dtype=np.float64)
+        groups = rng.choice(n_groups, size=n_cells, p=shares / shares.sum())
+        groups[:n_groups] = np.arange(n_groups)
     mu = rng.normal(0.0, 2.0, size=n_features)
     sigma = rng.uniform(0.5, 2.0, size=n_features)
     effects = rng.normal(0.0, 0.5, size=(n_groups, n_features))
+    if shift_scale is not None:
+        effects = effects / 0.5 * shift_scale * sigma[None, :]
     effects[0] = 0.0
     shape = (n_features, n_cells)
     noise = rng.standard_normal(shape) if student_df is None else rng.standard_t(student_df, shape)
@@ -147,3 +160,112 @@ def simulate_multinomial(
             [rng.multinomial(totals[n], probs[groups[n], t]) for t in range(n_features)]
         )
     return SimulatedModality(y, groups, effects, p0)
+
+
+#: effect classes of `RealScreen.effect_class` (per group and feature, against the baseline)
+SMALL, LARGE, SILENT = 0, 1, 2
+EFFECT_CLASSES = ("small", "large", "silent")
+
+
+@dataclass(frozen=True)
+class RealScreenShape:
+    """How a screen shaped like real droplet data is drawn (`simulate_real_screen`).
+
+    Defaults follow a Perturb-seq screen of several cell lines: unbalanced groups, size
+    factors with the spread of a real cell table (log-sd ~0.5) and a depth that differs
+    by group, gene means over four decades (~18 % of entries non-zero), dispersions spread
+    too, and group effects that mix small shifts, large ones and genes that are off in
+    one group (cell-line-specific genes).
+    """
+
+    n_cells: int = 30_000
+    n_features: int = 5_000
+    group_fractions: tuple[float, ...] = (0.6, 0.3, 0.1)
+    ntc_fraction: float = 0.15
+    sf_log_sd: float = 0.5  # natural-log sd of the size factors within a group
+    group_depth_log2: tuple[float, ...] = (0.0, -0.4, 0.3)  # each group's depth shift
+    log10_mean_range: tuple[float, float] = (-3.45, 0.55)  # baseline means per unit sf
+    phi_median: float = 3.0  # NB total_count; log-normal, sd 1 (natural log)
+    phi_log_sd: float = 1.0
+    small_sd: float = 0.25  # log2 effects of the small class
+    large_sd: float = 1.5  # ... and of the large class
+    large_fraction: float = 0.15  # of (group, gene) pairs
+    silent_fraction: float = 0.05  # of genes, off in `silent_group`
+    silent_log2: tuple[float, float] = (-10.0, -6.0)  # their log2 effect there
+    silent_group: int = 2  # the group (by index in group_fractions) they are off in
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RealScreen:
+    """A screen drawn by `simulate_real_screen`; arrays are features x cells.
+
+    `group_effects` are each group's own log2 shifts (no baseline yet): the true effects
+    against baseline group b are `group_effects - group_effects[b]` (`effects_against`).
+    """
+
+    counts: np.ndarray  # [T, N] int32
+    groups: np.ndarray  # [N] group index into group_fractions
+    is_ntc: np.ndarray  # [N] bool
+    sum_factor: np.ndarray  # [N]
+    mu: np.ndarray  # [T] mean per unit size factor before group effects
+    phi: np.ndarray  # [T]
+    group_effects: np.ndarray  # [C, T] log2
+    large: np.ndarray  # [C, T] bool: the pair's effect is of the large class
+    silent: np.ndarray  # [T] bool: off in the silent group
+    feature_names: np.ndarray  # [T]
+    cell_ids: np.ndarray  # [N]
+
+    def effects_against(self, baseline: int) -> np.ndarray:
+        """True log2 effects [C, T] with `baseline` as the reference (its row 0)."""
+        return self.group_effects - self.group_effects[baseline]
+
+    def effect_class(self, baseline: int) -> np.ndarray:
+        """SMALL / LARGE / SILENT per (group, feature) against `baseline` [C, T]."""
+        large = self.large | self.large[baseline]
+        out = np.where(large, LARGE, SMALL)
+        return np.where(self.silent[None, :], SILENT, out)
+
+
+def simulate_real_screen(shape: RealScreenShape = RealScreenShape()) -> RealScreen:
+    """Draw a screen shaped like real droplet data (see `RealScreenShape`): NB counts
+    with mean mu[t] * 2**group_effects[g, t] * sf[n], dispersion phi[t]."""
+    s = shape
+    rng = np.random.default_rng(s.seed)
+    n_groups = len(s.group_fractions)
+    fractions = np.asarray(s.group_fractions, dtype=np.float64)
+    groups = rng.choice(n_groups, size=s.n_cells, p=fractions / fractions.sum())
+    groups[:n_groups] = np.arange(n_groups)
+    is_ntc = rng.random(s.n_cells) < s.ntc_fraction
+    is_ntc[: 2 * n_groups] = True  # every group has NTC cells
+    depth = np.exp2(np.asarray(s.group_depth_log2, dtype=np.float64))[groups]
+    sum_factor = depth * rng.lognormal(0.0, s.sf_log_sd, size=s.n_cells)
+    mu = 10.0 ** rng.uniform(*s.log10_mean_range, size=s.n_features)
+    phi = rng.lognormal(np.log(s.phi_median), s.phi_log_sd, size=s.n_features)
+    large = rng.random((n_groups, s.n_features)) < s.large_fraction
+    effects = np.where(
+        large,
+        rng.normal(0.0, s.large_sd, size=large.shape),
+        rng.normal(0.0, s.small_sd, size=large.shape),
+    )
+    silent = rng.random(s.n_features) < s.silent_fraction
+    effects[s.silent_group, silent] = rng.uniform(*s.silent_log2, size=int(silent.sum()))
+    counts = np.empty((s.n_features, s.n_cells), dtype=np.int32)
+    for start in range(0, s.n_features, 256):  # [256, N] at a time: memory stays small
+        rows = slice(start, start + 256)
+        mean = mu[rows, None] * np.exp2(effects[:, rows].T[:, groups]) * sum_factor[None, :]
+        rate = rng.gamma(shape=phi[rows, None], scale=mean / phi[rows, None])
+        counts[rows] = rng.poisson(rate)
+    return RealScreen(
+        counts=counts,
+        groups=groups,
+        is_ntc=is_ntc,
+        sum_factor=sum_factor,
+        mu=mu,
+        phi=phi,
+        group_effects=effects,
+        large=large,
+        silent=silent,
+        feature_names=np.array([f"gene{t:05d}" for t in range(s.n_features)]),
+        cell_ids=np.array([f"cell{n:06d}" for n in range(s.n_cells)]),
+    )

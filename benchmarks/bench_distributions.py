@@ -72,6 +72,10 @@ from machine import (  # noqa: E402  (benchmarks/ on the path first)
     load_average,
 )
 from peer_deseq2 import worker_deseq2  # noqa: E402
+from peer_glmgampoi import worker_glmgampoi  # noqa: E402
+
+#: the peers a user would otherwise pick, run on the negbinom cells: worker name -> label
+PEERS = {"glmgampoi": "glmGamPoi", "deseq2": "PyDESeq2"}
 
 # ---------------------------------------------------------------------------------------
 # Machine, load, memory and stage-timing helpers
@@ -282,10 +286,12 @@ def bench_one(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
                 print(f"  [{name}] recovery FAILED: {err!r}", flush=True)
                 row["recovery"] = {"error": repr(err)}
     if name == "negbinom" and not args.skip_peer:
-        row["peer_deseq2"] = run_worker(args, folder, name, "deseq2", [], "deseq2")
         ours = fit_stage_seconds(row.get("flow", {}))
-        peer = row["peer_deseq2"].get("seconds")
-        row["peer_speedup"] = round(peer / ours, 2) if ours and peer else None
+        for peer in PEERS:
+            row[f"peer_{peer}"] = run_worker(args, folder, name, peer, [], peer)
+            seconds = row[f"peer_{peer}"].get("seconds")
+            row[f"peer_{peer}_speedup"] = round(seconds / ours, 2) if ours and seconds else None
+        row["peer_speedup"] = row["peer_deseq2_speedup"]  # the key earlier results use
     row["load_average_after"] = load_average()
     row["git_after"] = git_state()
     row["targets_missed"] = check_targets(name, row)
@@ -361,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-peer",
         action="store_true",
-        help="skip PyDESeq2 on the negbinom cells (needs the bench extra: pip install -e '.[bench]')",
+        help="skip the peers on the negbinom cells (PyDESeq2: pip install -e '.[bench]'; "
+        "glmGamPoi: apt-get install r-bioc-glmgampoi)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output ({DEFAULT_OUT})")
     p.add_argument(
@@ -371,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep inputs, stores and worker logs here (default: a temp dir, removed)",
     )
     # worker mode (internal)
-    p.add_argument("--worker", choices=["steps", "flow", "deseq2"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["steps", "flow", *PEERS], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dist", choices=DISTRIBUTIONS, help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["ours", "dense"], help=argparse.SUPPRESS)
@@ -391,7 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parent: for each distribution, inputs -> workers -> recovery; table and JSON."""
     args = parse_args(argv)
     if args.worker:
-        workers = {"steps": worker_steps, "flow": worker_flow, "deseq2": worker_deseq2}
+        workers = {
+            "steps": worker_steps,
+            "flow": worker_flow,
+            "deseq2": worker_deseq2,
+            "glmgampoi": worker_glmgampoi,
+        }
         result = workers[args.worker](args)
         args.worker_out.write_text(json.dumps(result, indent=2, default=str))
         return 0

@@ -149,7 +149,7 @@ def flow_config(args: argparse.Namespace, folder: Path, modality: dict) -> dict[
         fit["threads"] = args.threads
     if args.cell_batch is not None:  # the fit cells streamed in batches of this many
         fit.update(stream_cells="always", cell_batch=args.cell_batch)
-    return {
+    config = {
         "store": str(folder / "run.zarr"),
         "cells": str(folder / "inputs" / "cells.csv"),
         "covariates": ["cell_line"],
@@ -157,6 +157,12 @@ def flow_config(args: argparse.Namespace, folder: Path, modality: dict) -> dict[
         "modalities": {args.dist: modality},
         "fit": fit,
     }
+    extra = folder / "config_extra.json"  # a benchmark's own settings (baseline_group, fit)
+    if extra.exists():
+        more = json.loads(extra.read_text())
+        config["fit"] |= more.pop("fit", {})
+        config |= more
+    return config
 
 
 def worker_flow(args: argparse.Namespace) -> dict[str, Any]:

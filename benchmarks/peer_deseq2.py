@@ -82,6 +82,7 @@ def worker_deseq2(args: argparse.Namespace) -> dict[str, Any]:
             se.append(stats.results_df["lfcSE"].to_numpy())
         seconds = time.perf_counter() - start
     lfc, se = np.asarray(lfc), np.asarray(se)
+    np.savez(folder / "estimates_deseq2.npz", lfc=lfc, se=se)  # per effect, for the caller
     return {
         "status": "ok",
         "seconds": round(seconds, 2),

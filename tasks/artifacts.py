@@ -6,7 +6,8 @@
 - `publish_exclusions`: table artifact `excluded-features-<modality>`, one row per
   feature the NTC filters excluded, one column per reason.
 - `publish_reports`: markdown artifact `report-<modality>` with the loss curve and the
-  posterior-mean effects embedded as PNGs (also written to `<store>.reports/`).
+  posterior-mean effects embedded as PNGs (also written to `<store>.reports/`); it and
+  its description name the baseline group ("baseline: K562 (named by baseline_group)").
 
 Outside a Prefect run (a test calling a task's `.fn` or a library function directly)
 the artifact calls are skipped, with a debug log. A failing artifact call logs a warning
@@ -29,10 +30,12 @@ import zarr
 from tasks.report import (
     REASONS,
     ModalityReport,
+    baseline_text,
     exclusion_table,
     feature_counts,
     write_report,
 )
+from tasks.store import results_key
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,7 +200,10 @@ def _publish_report(
     key = artifact_key("report", name)
     report = _attempt(key, lambda: write_report(root, store, name), log)
     if report is not None:
-        description = f"Modality '{name}': loss curve, posterior-mean effects, run summary"
+        description = (
+            f"Modality '{name}': loss curve, posterior-mean effects, run summary; "
+            f"baseline: {baseline_text(root[results_key(name)])}"
+        )
         _attempt(
             key,
             lambda: create_markdown_artifact(report.markdown, key=key, description=description),

@@ -197,11 +197,16 @@ class FitConfig(BaseModel):
     # multinomial baseline prior: flat = Dirichlet(1), calibrated (default);
     # baseline_counts = Dirichlet(baseline counts + 1), the reference bayesDREAM's
     multinomial_baseline_prior: Literal["flat", "baseline_counts"] = "flat"
-    # negbinom baseline-mean prior: weak = an exponential at the feature's mean over all
-    # fit cells, calibrated (default);
-    # standard_error = sd the robust standard error floored at 10 % of the mean, the
-    # reference bayesDREAM's, which counts the baseline cells twice at low depth
-    negbinom_baseline_prior: Literal["weak", "standard_error"] = "weak"
+    # negbinom baseline-mean prior: empirical = learned from the screen's baseline counts,
+    # calibrated also for genes off in the baseline group (default); weak = an exponential
+    # at the feature's mean over all fit cells; standard_error = sd the robust standard
+    # error floored at 10 % of the mean, the reference bayesDREAM's, which counts the
+    # baseline cells twice at low depth
+    negbinom_baseline_prior: Literal["empirical", "weak", "standard_error"] = "empirical"
+    # normal / studentt priors: weak = the effects' scale and the baseline mean's sd at the
+    # feature's own spread, calibrated (default); standard_error = the standard error of a
+    # mean, the reference bayesDREAM's, which shrinks real shifts between groups
+    continuous_prior: Literal["weak", "standard_error"] = "weak"
 
 
 class RunConfig(BaseModel):
@@ -213,6 +218,10 @@ class RunConfig(BaseModel):
     cells: Path
     cells_modality: str | None = None  # MuData cells: this modality's obs (None: global obs)
     covariates: list[str] = Field(default_factory=list)
+    # the baseline technical group (code 0, effect fixed) by its label: the covariate
+    # values joined by "|" in covariate order ("all" without covariates); the others keep
+    # their sorted order. None: the first in sorted order (docs/model.md, section 2)
+    baseline_group: str | None = None
     sum_factor_col: str = "sum_factor"
     use_all_cells: bool = False
     groups_without_ntc: Literal["drop", "error"] = "drop"
@@ -257,6 +266,26 @@ class RunConfig(BaseModel):
         repeated = sorted({c for c in value if value.count(c) > 1})
         if repeated:
             raise ValueError(f"covariates listed more than once: {repeated}")
+        return value
+
+    @field_validator("baseline_group", mode="before")
+    @classmethod
+    def _baseline_label(cls, value: Any) -> Any:
+        """A label is text, matched exactly against the group labels; YAML reads
+        `baseline_group: 2` as a number, so numbers become their text ("2"). A YAML
+        boolean (true, yes, on …) is refused: quote a label that reads like one."""
+        if isinstance(value, bool):
+            raise ValueError(
+                f"baseline_group is the YAML boolean {value}, not a group label: quote the "
+                "label (baseline_group: 'yes'), or use null for the first group in sorted order"
+            )
+        if isinstance(value, int | float):
+            return str(value)
+        if isinstance(value, str) and not value:
+            raise ValueError(
+                "baseline_group is empty: give a group's label (covariate values joined by "
+                "'|'), or null for the first group in sorted order"
+            )
         return value
 
     @field_validator("modalities", mode="before")

@@ -6,8 +6,10 @@ effect summaries `alpha_mean`, `alpha_sd`, `alpha_q05`, `alpha_q95` as [features
 DataFrames whose columns are the group labels (multinomial: `<group>:<category>`), on
 the summary's scale (`tasks.summary`). It has no cells (`n_obs = 0`): its `var_names`
 are the screen's, so the matrices can be copied into the screen's own AnnData. `uns
-["bayesdream"]` says the modality, the scale and how the posterior was drawn.
-The tables are the `summary` command's long table.
+["bayesdream"]` says the modality, the scale, the baseline group (`baseline_group`, and
+`baseline_rule`: named by `baseline_group:` or the first in sorted order) and how the
+posterior was drawn. The tables are the `summary` command's long table, whose
+`baseline` column is True on the baseline group's rows.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ def effects_anndata(summary: EffectSummary, *, store: str | None = None) -> Any:
             "modality": summary.modality,
             "scale": summary.scale,
             "group_labels": list(map(str, summary.groups)),
-            "baseline_group": str(summary.groups[0]),
             "store": "" if store is None else str(store),
             **{k: _plain(v) for k, v in summary.attrs.items()},
+            "baseline_group": summary.baseline,  # code 0, whatever the rule
+            "baseline_rule": summary.baseline_rule,
         }
     }
     obs = pd.DataFrame(index=pd.Index([], dtype=str, name="cell"))

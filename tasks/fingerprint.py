@@ -7,6 +7,10 @@ anywhere reruns exactly the steps downstream of it.
 
     cells -> groups ─┐
     cells -> ingest(m) -> filter(m) -> fit(m) -> sample(m)
+
+The groups step hashes `use_all_cells`, `groups_without_ntc` and `baseline_group` (which
+group is code 0); every filter, fit and sampling reads the groups, so a change to any of
+them reruns those too.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def fingerprints(cfg: RunConfig) -> Fingerprints:
         cfg.sum_factor_col,
         code,
     )
-    groups = _hash("groups", cells, cfg.use_all_cells, cfg.groups_without_ntc)
+    groups = _hash("groups", cells, cfg.use_all_cells, cfg.groups_without_ntc, cfg.baseline_group)
     fit_options = cfg.fit.model_dump(
         exclude={"nsamples", "minibatch_size", "threads", "checkpoint_seconds"}
     )

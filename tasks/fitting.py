@@ -35,6 +35,8 @@ from tasks.store import (
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
+REFINEMENT = "refinement"  # subgroup of fit/<name>: what the posterior draws are refined with
+FLAGS = "flags"  # subgroup of fit/<name>: per-fit-feature flags the results carry
 INPUT_ORDER = "order"  # attr of fit/<name>/inputs: the prior inputs in the family's order
 
 
@@ -80,6 +82,7 @@ def fit_modality(
     priors = PriorOptions(
         multinomial_baseline=fit.multinomial_baseline_prior,
         negbinom_baseline=fit.negbinom_baseline_prior,
+        continuous=fit.continuous_prior,
     )
     family = get_family(root[inputs_key(name)].attrs["distribution"]).configured(priors)
     groups = read_groups(root)
@@ -141,6 +144,7 @@ def fit_modality(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )
     on_progress.progress.finish()  # a fit that converged early is finished too
+    _warn_of_baseline(log, name, groups, groups.code[fit_cell_index(root, name, groups)], fitted)
     group.attrs.update(
         cells_streamed=plan.stream,
         cell_batches=getattr(data, "n_batches", 1),
@@ -153,6 +157,45 @@ def fit_modality(
         "recoveries": len(fitted.svi.recoveries),
         "cells_streamed": plan.stream,
     }
+
+
+#: a baseline group with fewer of the fit cells than this share is warned of
+SMALL_BASELINE = 0.10
+
+
+def _warn_of_baseline(
+    log: logging.Logger, name: str, groups: GroupAssignment, codes: np.ndarray, fitted
+) -> None:
+    """One warning when the baseline group holds under SMALL_BASELINE of the fit cells or
+    lacks counts of fit features that other groups express: it gives the counts and names
+    the option that picks another baseline."""
+    if len(groups.labels) < 2:
+        return
+    cells = np.bincount(codes, minlength=len(groups.labels))
+    silent = fitted.flags.get("baseline_no_counts")
+    n_silent = 0 if silent is None else int(silent.sum())
+    share = cells[0] / max(cells.sum(), 1)
+    problems = []
+    if share < SMALL_BASELINE:
+        problems.append(f"holds {cells[0]:,} of {cells.sum():,} fit cells ({share:.1%})")
+    if n_silent:
+        problems.append(
+            f"has no count of {n_silent:,} of {len(silent):,} fit features that other groups "
+            "express (flagged baseline_no_counts: the data bound their effects from one side "
+            "only)"
+        )
+    if not problems:
+        return
+    ranked = sorted(zip(groups.labels, cells, strict=True), key=lambda item: -item[1])
+    log.warning(
+        "Modality '%s': the baseline group '%s' %s. Effects are relative to the baseline; "
+        "name a large group that expresses these features with `baseline_group:` (fit cells "
+        "by group: %s).",
+        name,
+        groups.labels[0],
+        ", and ".join(problems),
+        ", ".join(f"{label} {count:,}" for label, count in ranked),
+    )
 
 
 def _fit_plan(
@@ -246,9 +289,28 @@ def _write_fit(group: zarr.Group, fitted: FittedModel, features: np.ndarray, dev
     inputs.attrs[INPUT_ORDER] = list(prior_inputs)
     write_array(group, "loss", fitted.svi.losses.astype(np.float64), dims=(STEP,))
     write_array(group, "features", features.astype(np.int64), dims=(FIT_FEATURE,))
+    _write_arrays(group, REFINEMENT, {k: v.cpu().numpy() for k, v in fitted.refinement.items()})
+    _write_arrays(group, FLAGS, fitted.flags)
     if CHECKPOINT in group:
         del group[CHECKPOINT]
     mark_complete(group)
+
+
+def _write_arrays(group: zarr.Group, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` as the subgroup `key` of the fit group (replaced; absent when empty)."""
+    if key in group:
+        del group[key]
+    if not arrays:
+        return
+    sub = group.create_group(key)
+    for name, value in arrays.items():
+        write_array(sub, name, value, dims=generic_dims(name, np.ndim(value)))
+
+
+def read_fit_flags(root: zarr.Group, name: str) -> dict[str, np.ndarray]:
+    """The per-fit-feature flags of `fit/<name>/flags` (bool [T_fit] by name)."""
+    group = root[fit_key(name)]
+    return {k: a[...].astype(bool) for k, a in group[FLAGS].arrays()} if FLAGS in group else {}
 
 
 def load_fitted(root: zarr.Group, name: str, *, device: str = "cpu") -> FittedModel:
@@ -267,6 +329,9 @@ def load_fitted(root: zarr.Group, name: str, *, device: str = "cpu") -> FittedMo
         guide_kind=group.attrs["guide"],
         n_groups=int(group.attrs["n_groups"]),
         device=device,
+        refinement={k: a[...] for k, a in group[REFINEMENT].arrays()}
+        if REFINEMENT in group
+        else None,
     )
     # T as the family reads it (the first input's last axis is K for 3-D families).
     n_features = family.n_features(fitted.model.inputs)

@@ -49,7 +49,8 @@ def check_run(
 
 
 def table_groups(cfg: RunConfig, table: pd.DataFrame) -> GroupAssignment:
-    """The technical groups the run will assign (the refusals of `assign_groups` now)."""
+    """The technical groups the run will assign (the refusals of `assign_groups` now,
+    a `baseline_group` that names no group with NTC cells among them)."""
     covariates = table[list(cfg.covariates)].astype(str)
     is_ntc = (table["target"] == NTC).to_numpy()
     return assign_groups(
@@ -58,6 +59,7 @@ def table_groups(cfg: RunConfig, table: pd.DataFrame) -> GroupAssignment:
         use_all_cells=cfg.use_all_cells,
         policy=cfg.groups_without_ntc,
         warn=False,
+        baseline=cfg.baseline_group,
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from tasks.groups import FIRST_SORTED
 from tasks.prepare import read_flags
 from tasks.store import inputs_key, read_strings, results_key
 
@@ -65,6 +66,14 @@ def feature_counts(root: zarr.Group, name: str) -> dict[str, int]:
     return counts | {"total": len(flags[EXCLUDED])}
 
 
+def baseline_text(group: zarr.Group) -> str:
+    """'K562 (named by baseline_group)' or '… (first in sorted order)': the baseline
+    group of `technical/<name>` (its first label in stores that predate the attribute)."""
+    attrs = group.attrs
+    label = attrs.get("baseline_group") or str(read_strings(group, "group_labels")[0])
+    return f"{label} ({attrs.get('baseline_rule', FIRST_SORTED)})"
+
+
 def write_report(root: zarr.Group, store: str | Path, name: str) -> ModalityReport:
     """Plot `technical/<name>` into `<store>.reports/<name>-*.png`; return the markdown."""
     group = root[results_key(name)]
@@ -83,7 +92,7 @@ def write_report(root: zarr.Group, store: str | Path, name: str) -> ModalityRepo
     lines = [
         f"# Technical fit: modality `{name}`",
         "",
-        *_summary_table(group.attrs, feature_counts(root, name), len(labels)),
+        *_summary_table(group.attrs, feature_counts(root, name), len(labels), baseline_text(group)),
         "",
         "## SVI loss",
         f"![SVI loss of {name}]({data_uri(pngs['loss'])})",
@@ -96,7 +105,7 @@ def write_report(root: zarr.Group, store: str | Path, name: str) -> ModalityRepo
     return ModalityReport("\n".join(lines), tuple(files))
 
 
-def _summary_table(attrs, counts: dict[str, int], n_groups: int) -> list[str]:
+def _summary_table(attrs, counts: dict[str, int], n_groups: int, baseline: str) -> list[str]:
     """The few numbers worth a glance, as a two-column markdown table."""
     reasons = ", ".join(f"{reason}: {counts[reason]}" for reason in REASONS)
     rows = {
@@ -108,6 +117,7 @@ def _summary_table(attrs, counts: dict[str, int], n_groups: int) -> list[str]:
         "posterior draws": attrs.get("nsamples"),
         "sampling seconds": _seconds(attrs.get("sampling_seconds")),
         "technical groups": n_groups,
+        "baseline group (effects relative to it)": baseline,
         "features fit": f"{counts[FIT]} of {counts['total']} in the matrix",
         "features excluded": f"{counts[EXCLUDED]} ({reasons})",
     }

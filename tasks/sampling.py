@@ -18,7 +18,7 @@ import zarr
 from bayesdream_model.distributions import OutputSpec
 from bayesdream_model.memory import plan_sampling
 from bayesdream_model.posterior import draw_range
-from tasks.fitting import load_fitted
+from tasks.fitting import load_fitted, read_fit_flags
 from tasks.groups import read_groups
 from tasks.prepare import fit_cell_index, read_flags
 from tasks.resources import resolve_device, sampling_budget
@@ -28,6 +28,7 @@ from tasks.store import (
     COMPLETE,
     DRAW,
     FEATURE,
+    FIT_FLAGS,
     GROUP,
     NONBASELINE_GROUP,
     STEP,
@@ -316,12 +317,29 @@ def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality)
     return arrays
 
 
+def _fit_flags(root, name: str, n_features: int, fit_group) -> dict[str, np.ndarray]:
+    """The fit's per-feature flags (`FIT_FLAGS`) over every feature of the modality (False
+    where a feature was not fit)."""
+    fitted = read_fit_flags(root, name)
+    index = fit_group["features"][...]
+    out = {}
+    for flag in FIT_FLAGS:
+        values = np.zeros(n_features, dtype=bool)
+        if flag in fitted:
+            values[index] = fitted[flag]
+        out[flag] = values
+    return out
+
+
 def _write_metadata(root, group, name, axes, cis_feature, fit_group) -> None:
     """Names, labels, flags and the loss trace travel with the results, and the coordinate
-    arrays (`feature`, `group`, `nonbaseline_group`, `category`, `draw`) that xarray reads."""
+    arrays (`feature`, `group`, `nonbaseline_group`, `category`, `draw`) that xarray reads;
+    `baseline_group` / `baseline_rule` say which group is code 0 and why."""
     names, n_categories, n_draws = axes
     keep = names != cis_feature if cis_feature is not None else np.ones(len(names), bool)
-    labels = read_groups(root).labels
+    assignment = read_groups(root)
+    labels = assignment.labels
+    baseline = {"baseline_group": assignment.baseline, "baseline_rule": assignment.baseline_rule}
     write_strings(group, "feature_names", names[keep], dims=(FEATURE,))
     write_strings(group, "group_labels", labels, dims=(GROUP,))
     write_coordinates(
@@ -332,7 +350,7 @@ def _write_metadata(root, group, name, axes, cis_feature, fit_group) -> None:
         n_categories=n_categories,
         n_draws=n_draws,
     )
-    flags = read_flags(root, name).as_dict()
+    flags = read_flags(root, name).as_dict() | _fit_flags(root, name, len(names), fit_group)
     for flag, values in flags.items():
         write_array(group, flag, values[keep], dims=(FEATURE,))
     write_array(group, "loss", fit_group["loss"][...], dims=(STEP,))
@@ -341,9 +359,11 @@ def _write_metadata(root, group, name, axes, cis_feature, fit_group) -> None:
             key: fit_group.attrs[key]
             for key in ("guide", "device", "niters_run", "fit_seconds", "stop_reason")
         }
+        | baseline
     )
     if cis_feature is not None:
         cis = root[CIS_KEY]
+        cis.attrs.update(baseline)
         write_coordinates(cis, groups=labels, nonbaseline=True, n_draws=n_draws)
         for flag, values in flags.items():
             cis.attrs[flag] = bool(values[~keep][0])

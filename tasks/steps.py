@@ -181,7 +181,12 @@ def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     """Technical groups from the covariates; returns the labels in code order."""
     root = open_root(cfg.store)
     if not is_unchanged(root, GROUPS, prints.groups):
-        assign_groups_in_store(root, use_all_cells=cfg.use_all_cells, policy=cfg.groups_without_ntc)
+        assign_groups_in_store(
+            root,
+            use_all_cells=cfg.use_all_cells,
+            policy=cfg.groups_without_ntc,
+            baseline=cfg.baseline_group,
+        )
         _stamp(root, GROUPS, prints.groups)
     return read_groups(root).labels
 

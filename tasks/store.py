@@ -45,6 +45,10 @@ COMPLETE = "complete"
 
 # Dimension names (Zarr v3 `dimension_names`; xarray's dims).
 DRAW = "draw"  # posterior draw, S
+#: per-feature flags of the fit (in fit/<m>/flags over fit features, in technical/<m> over
+#: all): no count in the baseline group while other groups have some (the data bound its
+#: effects from one side only); kept the initial values at the Laplace start
+FIT_FLAGS = ("baseline_no_counts", "start_not_converged")
 GROUP = "group"  # technical group, C (code order, group 0 = baseline)
 NONBASELINE_GROUP = "nonbaseline_group"  # groups 1..C-1: the raw effect sites
 FEATURE = "feature"  # T

@@ -4,7 +4,9 @@ The scale is the effect's own: log2 for multiplicative (negbinom) effects, logit
 binomial and multinomial, data units for normal / studentt; that is `alpha_y_add` in the
 results. `effect_summary` computes mean, sd and quantiles as [C, T(, K)] arrays, one block
 of features at a time; `summarize` lays them out as a long table (the `summary` command),
-`tasks.export` as an AnnData or a table file.
+`tasks.export` as an AnnData or a table file. Every group's effect is relative to the
+baseline group (code 0, the first label; `baseline_group:` in the config), whose rows
+the long table marks in its `baseline` column.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import pandas as pd
 import zarr
 
 from tasks.errors import StoreError
+from tasks.groups import FIRST_SORTED
 from tasks.store import (
     CIS_KEY,
+    FIT_FLAGS,
     is_complete,
     open_root,
     read_strings,
@@ -38,7 +42,16 @@ FLAGS = (
 )
 SCALES = {"multiplicative": "log2", "logit": "logit"}
 ADDITIVE_SCALE = "additive (data units)"
-ATTRS = ("distribution", "effect_type", "guide", "nsamples", "niters_run", "stop_reason")
+ATTRS = (
+    "distribution",
+    "effect_type",
+    "guide",
+    "nsamples",
+    "niters_run",
+    "stop_reason",
+    "baseline_rule",
+)
+BASELINE = "baseline"  # the long table's column: True on the baseline group's rows
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -52,6 +65,16 @@ class EffectSummary:
     flags: dict[str, np.ndarray]  # [T] bool each
     scale: str
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> str:
+        """The baseline group's label: code 0, the first in `groups`."""
+        return str(self.groups[0])
+
+    @property
+    def baseline_rule(self) -> str:
+        """How the baseline was chosen (stores from before `baseline_group:` sorted)."""
+        return str(self.attrs.get("baseline_rule", FIRST_SORTED))
 
     @property
     def n_categories(self) -> int | None:
@@ -93,7 +116,7 @@ def effect_summary(store: str, modality: str) -> EffectSummary:
         features=read_strings(group, "feature_names"),
         groups=read_strings(group, "group_labels"),
         stats=stats,
-        flags={flag: group[flag][...] for flag in FLAGS},
+        flags={flag: group[flag][...] for flag in (*FLAGS, *FIT_FLAGS) if flag in group},
         scale=SCALES.get(effect_type, ADDITIVE_SCALE),
         attrs={key: group.attrs[key] for key in ATTRS if key in group.attrs},
     )
@@ -108,7 +131,8 @@ def _stats(values: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def summarize(store: str, modality: str) -> pd.DataFrame:
-    """mean, sd, q05, q50, q95 of `alpha_y_add` (log2 / logit / data units) and `excluded`.
+    """mean, sd, q05, q50, q95 of `alpha_y_add` (log2 / logit / data units), `excluded`
+    and `baseline` (True on the rows of the baseline group, whose effect is fixed at 0).
 
     One row per (feature, group), by group then feature within each block of features; 3-D
     (multinomial) effects [S, C, T, K] get one row per (feature, group, category).
@@ -121,6 +145,7 @@ def summarize(store: str, modality: str) -> pd.DataFrame:
     ]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out.attrs["scale"] = summary.scale
+    out.attrs["baseline_group"] = summary.baseline
     return out
 
 
@@ -138,4 +163,8 @@ def _rows(summary: EffectSummary, start: int, stop: int) -> pd.DataFrame:
         frame["category"] = index[2]
     frame |= {name: block[name].ravel() for name in STATS}
     frame["excluded"] = summary.flags["ntc_excluded_from_fit"][feature]
+    frame[BASELINE] = index[0] == 0  # code 0 is the baseline group
+    for flag in FIT_FLAGS:  # stores from before they existed lack them
+        if flag in summary.flags:
+            frame[flag] = summary.flags[flag][feature]
     return pd.DataFrame(frame)

@@ -34,7 +34,8 @@ class DistributionSpec:
 
 
 BaselinePrior = Literal["flat", "baseline_counts"]
-MeanPrior = Literal["standard_error", "weak"]
+MeanPrior = Literal["empirical", "weak", "standard_error"]
+ContinuousPrior = Literal["weak", "standard_error"]
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,28 @@ class PriorOptions:
     the reference bayesDREAM's prior, which counts the baseline cells a second time on top
     of the likelihood and so narrows the posterior (90 % intervals cover ~0.85).
 
-    `negbinom_baseline`: the Gamma prior on each feature's baseline mean mu_ntc. "weak"
-    (the default: calibrated) is an exponential (shape 1) whose mean is the feature's mean
-    over all fit cells (size-factor normalised): about one pseudo-count. "standard_error",
-    the reference bayesDREAM's, has the baseline cells' mean and sd = the robust standard
-    error over the fit cells, floored at 10 % of that mean; at low depth it carries about
-    as much information as the baseline cells themselves, so it counts them twice
-    (droplet-like screens: 90 % intervals cover ~0.85).
+    `negbinom_baseline`: the prior on each feature's baseline mean mu_ntc. "empirical"
+    (the default) is learned from the screen (`baseline_prior`): log2 mu_ntc is the
+    non-baseline cells' mean plus r, r drawn from a smooth mixture fitted to every
+    feature's baseline counts, so that genes off in the baseline group (cell-line panels)
+    get intervals as wide as the screen says such genes are spread. "weak" is an
+    exponential (shape 1) whose mean is the feature's mean over all fit cells (size-factor
+    normalised): about one pseudo-count, calibrated where every gene is expressed in the
+    baseline, but it gives a baseline 2^-8 of that mean ~0.4 % of its mass. "standard_error",
+    the reference bayesDREAM's, is a Gamma with the baseline cells' mean and sd = the
+    robust standard error over the fit cells, floored at 10 % of that mean; at low depth
+    it carries about as much information as the baseline cells themselves, so it counts
+    them twice (droplet-like screens: 90 % intervals cover ~0.85).
+
+    `continuous` (normal, studentt): "weak" (the default) puts the effects' StudentT scale
+    and the baseline mean's prior sd at the feature's own spread (robust sd over the fit
+    cells); "standard_error", the reference's, at the standard error of a mean (that sd /
+    √N, floored), which shrinks real shifts between groups (90 % coverage 0.76-0.85).
     """
 
     multinomial_baseline: BaselinePrior = "flat"
-    negbinom_baseline: MeanPrior = "weak"
+    negbinom_baseline: MeanPrior = "empirical"
+    continuous: ContinuousPrior = "weak"
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,11 @@ class Family(ABC):
         starts (a family whose two share work computes it once)."""
         return self.prior_inputs(data), self.initial_values(data)
 
+    def finish_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prior inputs of every fit feature, completed by what is learned across
+        features (`fit_inputs` sees one block of features at a time; default: nothing)."""
+        return inputs
+
     @abstractmethod
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
         """Pyro sample statements for every latent site; returns the site values."""
@@ -187,6 +204,26 @@ class Family(ABC):
         each feature's MAP, from the data the likelihood reads. It moves only Newton's
         starting point, not the MAP it converges to nor the guide's initial values."""
         return {}
+
+    def feature_flags(
+        self, inputs: dict[str, torch.Tensor], data: FitTensors
+    ) -> dict[str, torch.Tensor]:
+        """What the results flag per fit feature, bool [T] by name (default: nothing)."""
+        return {}
+
+    def refinement(
+        self, inputs: dict[str, torch.Tensor], data: FitTensors, locs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """What the per-feature guide's posterior draws are refined with (`refine_draws`),
+        given its posterior means `locs` (unconstrained, by site); {} for nothing."""
+        return {}
+
+    def refine_draws(
+        self, draws: dict[str, torch.Tensor], refinement: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Posterior draws of the latents [S, ...] with the refinement applied (default:
+        as they are)."""
+        return draws
 
     def merge_stats(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         """`FitTensors.stats` of two disjoint sets of cells, combined (mergeable families)."""

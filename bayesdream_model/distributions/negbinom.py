@@ -24,9 +24,17 @@ from bayesdream_model.distributions.base import (
     OutputSpec,
     PriorOptions,
 )
+from bayesdream_model.distributions.baseline_prior import empirical_inputs, learned_mixture
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
 from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
+from bayesdream_model.distributions.mixture_prior import baseline_mean_prior
+from bayesdream_model.distributions.nb_baseline_draws import (
+    baseline_entries,
+    baseline_refinement,
+    joined_entries,
+    refined_draws,
+)
 from bayesdream_model.distributions.nb_moments import moment_start
 from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.value_histogram import (
@@ -74,7 +82,8 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     arrays["eps_weights"] = signs[:, None, None] * inverse  # (-1)^(k+1) / k Σ y / sf^k
     arrays["constant"] = arrays["constant"] + moments[:, 1].sum()  # Σ y log sf (y log mu)
     arrays["sf_floor"] = _floors(sf[order], bounds)
-    exact = {"pair_feature": torch.int64}
+    arrays |= baseline_entries(y, groups, sf)  # the exact baseline draws' few entries
+    exact = {"pair_feature": torch.int64, "base_entry_feature": torch.int64}
     return {
         key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
         for key, value in arrays.items()
@@ -236,6 +245,7 @@ class NegBinom(Family):
         out["sf_floor"] = torch.maximum(a["sf_floor"], b["sf_floor"])
         pairs = ("pair_feature", "pair_value", "pair_count")
         out |= joined_pairs(*(torch.cat([a[k], b[k]]) for k in pairs))
+        out |= joined_entries(a, b)
         skip = {*out, *pairs}
         return out | {k: a[k] + b[k] for k in a if k not in skip}
 
@@ -246,7 +256,7 @@ class NegBinom(Family):
         beta_o_beta: float = 3.0,
         effect_df: float = 3.0,
         effect_scale: float = 20.0,
-        baseline_prior: MeanPrior = "weak",
+        baseline_prior: MeanPrior = "empirical",
     ) -> None:
         self.beta_o_alpha = beta_o_alpha
         self.beta_o_beta = beta_o_beta
@@ -289,7 +299,9 @@ class NegBinom(Family):
     def _priors(self, data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
         """`prior_inputs` given the size-factor-scaled group sums [C, T]."""
         y, sf = as_sparse(data.y), data.sum_factor
-        if self.baseline_prior == "weak":
+        if self.baseline_prior == "empirical" and data.n_groups > 1:
+            return self._empirical_inputs(data, y)
+        if self.baseline_prior in ("weak", "empirical"):  # empirical, one group: weak
             # an exponential whose mean is the mean over all fit cells: never ~0 for a
             # feature the filters kept (one with no baseline count still has others'), and
             # no robust sd needed, so the priors cost O(non-zeros)
@@ -306,6 +318,23 @@ class NegBinom(Family):
             "beta_o_alpha": torch.tensor(self.beta_o_alpha),
             "beta_o_beta": torch.tensor(self.beta_o_beta),
         }
+
+    def _empirical_inputs(self, data: FitArrays, y: SparseCounts) -> dict[str, torch.Tensor]:
+        """Per feature, what the learned prior needs (`baseline_prior.empirical_inputs`)."""
+        arrays = empirical_inputs(y, data.groups, data.n_groups, data.sum_factor)
+        return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()} | {
+            "beta_o_alpha": torch.tensor(self.beta_o_alpha),
+            "beta_o_beta": torch.tensor(self.beta_o_beta),
+        }
+
+    def finish_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under the learned baseline prior, its mixture from every feature's baseline
+        total (`baseline_prior.learned_mixture`)."""
+        if "base_count" not in inputs:
+            return inputs
+        arrays = {k: inputs[k].double().numpy() for k in ("base_count", "base_exposure")}
+        learned = learned_mixture(reference=inputs["mu_mean"].double().numpy(), **arrays)
+        return inputs | {k: torch.as_tensor(v) for k, v in learned.items()}
 
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts
@@ -325,17 +354,13 @@ class NegBinom(Family):
     # -- model pieces (pyro) -------------------------------------------------------
     def sample_latents(self, inputs: dict[str, torch.Tensor], plates: Plates) -> dict:
         """log2_alpha_y [C-1, T], beta_o [], o_y [T], mu_ntc [T]."""
-        mu_mean, mu_sd = inputs["mu_mean"], inputs["mu_sd"]
-        prior = dist.StudentT(
-            torch.tensor(self.effect_df, device=mu_mean.device),
-            torch.tensor(0.0, device=mu_mean.device),
-            torch.tensor(self.effect_scale, device=mu_mean.device),
+        log2_alpha = sample_group_effects(
+            EFFECT_SITE, plates, self._effect_prior(inputs["mu_mean"])
         )
-        log2_alpha = sample_group_effects(EFFECT_SITE, plates, prior)
         beta_o = pyro.sample("beta_o", dist.Gamma(inputs["beta_o_alpha"], inputs["beta_o_beta"]))
         with plates.features:
             o_y = pyro.sample("o_y", dist.Exponential(beta_o))
-            mu_ntc = pyro.sample("mu_ntc", dist.Gamma(mu_mean**2 / mu_sd**2, mu_mean / mu_sd**2))
+            mu_ntc = pyro.sample("mu_ntc", baseline_mean_prior(inputs))
         return {EFFECT_SITE: log2_alpha, "o_y": o_y, "mu_ntc": mu_ntc}
 
     def tensors(self, data: FitArrays, device: torch.device | str) -> FitTensors:
@@ -370,14 +395,47 @@ class NegBinom(Family):
             f"{count} of {mean.shape[-1]} features have no count in the baseline group; "
             "under negbinom_baseline_prior: standard_error their baseline mean's prior is a "
             "Gamma of mean 1e-6 and shape ~1e-8, whose fit may diverge at its first step (a "
-            "lower fit.lr does not help). negbinom_baseline_prior: weak (the default) fits "
-            "them."
+            "lower fit.lr does not help). negbinom_baseline_prior: empirical (the default) "
+            "or weak fits them."
         )
 
     def newton_start(self, inputs: dict[str, torch.Tensor], data: FitTensors) -> dict:
-        """Moment estimates of mu_ntc and o_y, and beta_o given them (`nb_moments`)."""
+        """Moment estimates of mu_ntc, the effects and o_y, and beta_o given them
+        (`nb_moments`)."""
         prior = {k: float(inputs[k]) for k in ("beta_o_alpha", "beta_o_beta")}
-        return moment_start(data.stats, **prior)
+        return moment_start(data.stats, **prior, effect_site=EFFECT_SITE)
+
+    def feature_flags(
+        self, inputs: dict[str, torch.Tensor], data: FitTensors
+    ) -> dict[str, torch.Tensor]:
+        """`baseline_no_counts`: no count in the baseline group, some in another (the data
+        bound the feature's effects from one side only)."""
+        totals = data.stats["group_totals"]
+        return {"baseline_no_counts": (totals[0] == 0) & (totals[1:].sum(0) > 0)}
+
+    def refinement(
+        self, inputs: dict[str, torch.Tensor], data: FitTensors, locs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The exact conditional of log mu_ntc on a grid, for the features with few baseline
+        counts (`nb_baseline_draws`): their posterior draws take u from it."""
+        if EFFECT_SITE not in locs:  # one group: no effect relative to a baseline
+            return {}
+        prior, effect = baseline_mean_prior(inputs), self._effect_prior(locs["mu_ntc"].double())
+        return baseline_refinement(prior, effect, data.stats, locs, EFFECT_SITE)
+
+    def refine_draws(
+        self, draws: dict[str, torch.Tensor], refinement: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Draws with log mu_ntc of the refined features from their exact conditional."""
+        return refined_draws(draws, refinement, EFFECT_SITE) if refinement else draws
+
+    def _effect_prior(self, like: torch.Tensor) -> dist.Distribution:
+        """StudentT(df, 0, scale) of the log2 effects, on `like`'s device and dtype."""
+        return dist.StudentT(
+            torch.tensor(self.effect_df, dtype=like.dtype, device=like.device),
+            torch.tensor(0.0, dtype=like.dtype, device=like.device),
+            torch.tensor(self.effect_scale, dtype=like.dtype, device=like.device),
+        )
 
     def observe(self, params: dict, data: FitTensors, plates: Plates) -> None:
         """NB log-likelihood of every fit cell and feature (exact; see `nb_log_likelihood`),

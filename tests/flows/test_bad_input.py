@@ -158,6 +158,23 @@ def group_without_ntc(config: Path) -> str:
     return r"Technical groups without NTC cells: \{'TF1': \d+\}"
 
 
+def unknown_baseline_group(config: Path) -> str:
+    edit(config, lambda d: d.__setitem__("baseline_group", "k562"))
+    return (
+        r"baseline_group 'k562' is not a technical group; the groups are 'HEL', 'K562', 'TF1'\."
+        r".*Did you mean 'K562'\?"
+    )
+
+
+def baseline_group_without_ntc(config: Path) -> str:
+    table = cells(config)
+    table.loc[table["cell_line"] == "TF1", "target"] = "MYB"
+    save_cells(config, table)
+    edit(config, lambda d: d.__setitem__("baseline_group", "TF1"))
+    n_cells = int((table["cell_line"] == "TF1").sum())
+    return rf"baseline_group 'TF1' has no NTC cells: its {n_cells} cell\(s\) are dropped"
+
+
 def group_missing_from_matrix(config: Path) -> str:
     table, matrix = cells(config), counts(config)
     hel_ntc = table.loc[(table["cell_line"] == "HEL") & (table["target"] == "ntc"), "cell"]
@@ -290,6 +307,8 @@ CASES: dict[str, Callable[[Path], str]] = {
         bad_size_factor,
         no_rows,
         group_without_ntc,
+        unknown_baseline_group,
+        baseline_group_without_ntc,
         group_missing_from_matrix,
         negative_count,
         normalised_counts,

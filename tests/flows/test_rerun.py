@@ -183,6 +183,8 @@ CHANGES = {
     "checkpoint_seconds": (["fit.checkpoint_seconds=5", "fit.threads=2"], None, set()),
     "nsamples": (["fit.nsamples=30"], None, {"sample"}),
     "lr": (["fit.lr=0.002"], None, {"fit", "sample"}),
+    # TF1 sorts last of HEL, K562, TF1: a new code 0 for every later step
+    "baseline_group": (["baseline_group=TF1"], None, {"groups", "filter", "fit", "sample"}),
     "counts": ([], _edit_counts, {"ingest", "filter", "fit", "sample"}),
     "cells": ([], _edit_cells, set(WORK)),
 }
@@ -214,3 +216,5 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(
     new_loss = root[fit_key("gene")]["loss"][...]
     assert np.array_equal(new_loss, loss) == ("fit" not in rerun), change
     np.testing.assert_array_equal(root[results_key("gene")]["loss"][...], new_loss)
+    baseline = "TF1" if change == "baseline_group" else "HEL"
+    assert root[results_key("gene")].attrs["baseline_group"] == baseline

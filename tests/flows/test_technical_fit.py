@@ -156,6 +156,9 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
         "q50",
         "q95",
         "excluded",
+        "baseline",
+        "baseline_no_counts",
+        "start_not_converged",
     ]
     assert len(table) == len(names) * 3
     assert not table.duplicated(["feature", "group"]).any()

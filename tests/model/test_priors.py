@@ -76,22 +76,36 @@ def test_prior_inputs_match_the_reference_formulas() -> None:
     assert float(inputs["beta_o_beta"]) == 3.0
 
 
-def test_weak_baseline_prior_is_the_default_an_exponential_at_the_pooled_mean() -> None:
-    """Default: Gamma(1, 1 / m), m = the mean over all fit cells: sd = mean = m, so a
-    feature with no baseline count (the matrix's sparse one) is not pinned at ~0."""
+def test_weak_baseline_prior_is_an_exponential_at_the_pooled_mean() -> None:
+    """Gamma(1, 1 / m), m = the mean over all fit cells: sd = mean = m, so a feature with
+    no baseline count (the matrix's sparse one) is not pinned at ~0."""
     data = screen()
     ref = reference_priors(data)
     pooled = (data.y / data.sum_factor[:, None]).mean(axis=0) + EPS
-    default = get_family("negbinom").prior_inputs(data)
     weak = get_family("negbinom").configured(PriorOptions(negbinom_baseline="weak"))
-    np.testing.assert_allclose(default["mu_mean"].numpy(), pooled, rtol=1e-6)
-    np.testing.assert_array_equal(default["mu_sd"].numpy(), default["mu_mean"].numpy())
-    np.testing.assert_array_equal(
-        weak.prior_inputs(data)["mu_sd"].numpy(), default["mu_sd"].numpy()
-    )
-    assert ref["mu_mean"][10] == EPS and default["mu_mean"].numpy()[10] > 0.1  # no baseline count
+    inputs = weak.prior_inputs(data)
+    np.testing.assert_allclose(inputs["mu_mean"].numpy(), pooled, rtol=1e-6)
+    np.testing.assert_array_equal(inputs["mu_sd"].numpy(), inputs["mu_mean"].numpy())
+    assert ref["mu_mean"][10] == EPS and inputs["mu_mean"].numpy()[10] > 0.1  # no baseline count
     # wider than the reference's prior on every feature of this matrix
-    assert (default["mu_sd"].numpy() > ref["mu_sd"]).all()
+    assert (inputs["mu_sd"].numpy() > ref["mu_sd"]).all()
+
+
+def test_empirical_baseline_prior_is_the_default_centred_on_the_other_groups() -> None:
+    """Default: log2 mu_ntc = log2 m_t + r, r ~ the learned mixture, m_t the non-baseline
+    cells' total over their summed size factors; the baseline totals ride along."""
+    data = screen()
+    default = get_family("negbinom")
+    inputs = default.finish_inputs(default.prior_inputs(data))
+    others = data.groups != 0
+    reference = np.maximum(data.y[others].sum(0), 0.5) / data.sum_factor[others].sum()
+    np.testing.assert_allclose(inputs["mu_mean"].numpy(), reference, rtol=1e-5)
+    np.testing.assert_array_equal(
+        inputs["base_count"].numpy(), data.y[data.groups == 0].sum(0).astype(np.float32)
+    )
+    weights = np.exp(inputs["mu_logits"].numpy())
+    assert abs(weights.sum() - 1.0) < 1e-9
+    assert inputs["mu_table"].shape[0] == 2
 
 
 def test_reference_prior_mean_uses_baseline_cells_only() -> None:
@@ -168,7 +182,7 @@ def test_reference_prior_warns_of_features_with_no_baseline_count(caplog) -> Non
     with caplog.at_level("WARNING", logger="bayesdream_model.distributions.negbinom"):
         reference.check_inputs(reference.prior_inputs(data))
     assert "1 of 12 features have no count in the baseline group" in caplog.text
-    assert "negbinom_baseline_prior: weak" in reference.divergence_hint(
+    assert "negbinom_baseline_prior: empirical (the default) or weak" in reference.divergence_hint(
         reference.prior_inputs(data)
     )
     caplog.clear()
@@ -209,7 +223,7 @@ def test_a_diverging_fit_names_the_features_with_no_baseline_count(monkeypatch) 
     assert "baseline" not in str(plain.value)
 
 
-@pytest.mark.parametrize("baseline", ["weak", "standard_error"])
+@pytest.mark.parametrize("baseline", ["empirical", "weak", "standard_error"])
 @pytest.mark.parametrize("n_groups", [1, 3])
 def test_fit_inputs_are_the_prior_inputs_and_initial_values(baseline: str, n_groups: int) -> None:
     """The fit's one pass over the group sums gives both, bit for bit."""

@@ -210,3 +210,32 @@ def test_config_round_trips_through_json(inputs: Path) -> None:
     cfg = load_config(write(inputs, base()))
     again = config_from_dict(cfg.model_dump(mode="json"), Path("/"))
     assert again == cfg
+
+
+def test_baseline_group_defaults_to_null_and_takes_a_label(inputs: Path) -> None:
+    assert load_config(write(inputs, base())).baseline_group is None
+    cfg = load_config(write(inputs, base(baseline_group="K562|lane2")))
+    assert cfg.baseline_group == "K562|lane2"
+    assert load_config(write(inputs, base()), ["baseline_group=HEL"]).baseline_group == "HEL"
+
+
+def test_number_like_baseline_group_becomes_its_text(inputs: Path) -> None:
+    path = write(inputs, base())
+    path.write_text(path.read_text() + "baseline_group: 2\n")  # YAML reads an int
+    cfg = load_config(path)
+    assert cfg.baseline_group == "2" and isinstance(cfg.baseline_group, str)
+    assert load_config(write(inputs, base()), ["baseline_group=2.5"]).baseline_group == "2.5"
+    assert load_config(write(inputs, base()), ["baseline_group='02'"]).baseline_group == "02"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (True, "baseline_group is the YAML boolean True, not a group label: quote"),
+        ("", "baseline_group is empty"),
+        (["K562"], r"baseline_group: Input should be a valid string \(got \['K562'\]\)"),
+    ],
+)
+def test_bad_baseline_group_is_refused(inputs: Path, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(inputs, base(baseline_group=value)))

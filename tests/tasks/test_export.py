@@ -13,6 +13,10 @@ import zarr
 from stores import npy_store
 
 from flows.cli import main
+from tasks.config import load_config
+from tasks.fitting import fit_modality
+from tasks.groups import FIRST_SORTED, NAMED, assign_groups_in_store, read_groups
+from tasks.prepare import filter_features
 from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import results_key
 from tasks.summary import summarize
@@ -29,6 +33,19 @@ def _sampled(folder: Path, distribution: str, n_groups: int) -> tuple[zarr.Group
 @pytest.fixture(scope="module")
 def negbinom(tmp_path_factory: pytest.TempPathFactory) -> tuple[zarr.Group, str]:
     return _sampled(tmp_path_factory.mktemp("export"), "negbinom", 3)
+
+
+@pytest.fixture(scope="module")
+def named_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[zarr.Group, str]:
+    """The negbinom store of groups A, B, C refit with `baseline_group: C` (sorts last)."""
+    folder = tmp_path_factory.mktemp("baseline")
+    root, _ = npy_store(folder, "negbinom", 3)
+    cfg = load_config(folder / "config.yaml")
+    assign_groups_in_store(root, use_all_cells=False, policy="drop", baseline="C")
+    filter_features(root, "m", read_groups(root))
+    fit_modality(root, "m", cfg.fit)
+    sample_modality(root, "m", SampleRequest(nsamples=17))
+    return root, str(folder / "run.zarr")
 
 
 def test_h5ad_var_is_the_features_and_varm_the_effects(negbinom, tmp_path: Path) -> None:
@@ -103,3 +120,49 @@ def test_export_errors_say_what_to_do(negbinom, tmp_path: Path, caplog) -> None:
         assert main(["export", store, "--modality", "gene", "--out", str(tmp_path / "e.h5ad")]) == 2
     assert "technical/gene" in caplog.text and "Modalities with results: ['m']" in caplog.text
     assert not (tmp_path / "e.h5ad").exists()
+
+
+@pytest.mark.parametrize(("fixture", "baseline"), [("negbinom", "A"), ("named_baseline", "C")])
+def test_summary_marks_the_baseline_rows(
+    request: pytest.FixtureRequest, fixture: str, baseline: str
+) -> None:
+    root, store = request.getfixturevalue(fixture)
+    assert root[results_key("m")].attrs["baseline_group"] == baseline
+    table = summarize(store, "m")
+    assert table.columns[-4:].tolist() == [  # every column kept, the new ones after
+        "excluded",
+        "baseline",
+        "baseline_no_counts",
+        "start_not_converged",
+    ]
+    assert table["baseline"].dtype == bool
+    pd.testing.assert_series_equal(table["baseline"], table["group"] == baseline, check_names=False)
+    assert table["baseline"].sum() == 5  # one row per feature
+    assert (table.loc[table["baseline"], ["mean", "q05", "q95"]] == 0).all().all()
+    assert not (table.loc[~table["baseline"] & ~table["excluded"], "sd"] == 0).any()
+    assert table.attrs["baseline_group"] == baseline
+
+
+def test_exports_name_the_named_baseline(named_baseline, tmp_path: Path) -> None:
+    root, store = named_baseline
+    assert list(root[results_key("m")]["group_labels"][...]) == ["C", "A", "B"]
+    out = tmp_path / "effects.h5ad"
+    assert main(["export", store, "--modality", "m", "--out", str(out)]) == 0
+    adata = ad.read_h5ad(out)
+    info = adata.uns["bayesdream"]
+    assert info["baseline_group"] == "C" and info["baseline_rule"] == NAMED
+    assert list(adata.varm["alpha_mean"].columns) == ["C", "A", "B"]
+    assert (adata.varm["alpha_mean"]["C"] == 0).all()
+    csv = tmp_path / "effects.csv"
+    assert main(["export", store, "--modality", "m", "--out", str(csv)]) == 0
+    table = pd.read_csv(csv)
+    assert table["baseline"].dtype == bool
+    assert set(table.loc[table["baseline"], "group"]) == {"C"}
+
+
+def test_export_of_the_default_baseline_says_sorted_order(negbinom, tmp_path: Path) -> None:
+    _, store = negbinom
+    out = tmp_path / "effects.h5ad"
+    assert main(["export", store, "--modality", "m", "--out", str(out)]) == 0
+    info = ad.read_h5ad(out).uns["bayesdream"]
+    assert info["baseline_group"] == "A" and info["baseline_rule"] == FIRST_SORTED

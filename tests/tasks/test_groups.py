@@ -1,4 +1,5 @@
-"""Technical groups: sorted covariate combinations, groups without NTC cells, fit cells."""
+"""Technical groups: sorted covariate combinations, the named baseline, groups without NTC
+cells, fit cells."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from tasks.errors import InputDataError
 from tasks.groups import (
+    FIRST_SORTED,
+    NAMED,
     NOT_FIT,
     assign_groups,
     assign_groups_in_store,
@@ -128,3 +131,96 @@ def test_assignment_round_trips_through_the_store(
     np.testing.assert_array_equal(stored.code, [1, 1, 0, NOT_FIT, NOT_FIT, 0])
     np.testing.assert_array_equal(stored.fit, [True, True, True, False, False, True])
     assert stored.dropped == {"TF1": 2}
+
+
+# -- baseline_group: the named group is code 0 ------------------------------------------
+def test_named_baseline_is_code_0_and_the_others_keep_sorted_order() -> None:
+    cov = pd.DataFrame({"cell_line": ["TF1", "K562", "HEL", "K562", "TF1", "HEL"]})
+    result = assign_groups(cov, np.ones(6, bool), use_all_cells=False, baseline="K562")
+    assert result.labels == ["K562", "HEL", "TF1"]
+    assert result.baseline == "K562" and result.baseline_rule == NAMED
+    np.testing.assert_array_equal(result.code, [2, 0, 1, 0, 2, 1])
+    last = assign_groups(cov, np.ones(6, bool), use_all_cells=False, baseline="TF1")
+    assert last.labels == ["TF1", "HEL", "K562"]
+    np.testing.assert_array_equal(last.code, [0, 2, 1, 2, 0, 1])
+
+
+def test_named_baseline_with_two_covariates_is_the_combined_label() -> None:
+    cov = _covariates()
+    default = assign_groups(cov, np.ones(len(cov), bool), use_all_cells=False)
+    result = assign_groups(cov, np.ones(len(cov), bool), use_all_cells=False, baseline="K562|L2")
+    assert result.labels == ["K562|L2", *(g for g in default.labels if g != "K562|L2")]
+    for code, label in enumerate(result.labels):  # every cell keeps its combination
+        rows = cov[result.code == code]
+        assert set(rows["cell_line"] + "|" + rows["lane"]) == {label}
+
+
+def test_default_baseline_is_the_first_in_sorted_order() -> None:
+    cov = _covariates(seed=1)
+    default = assign_groups(cov, np.ones(len(cov), bool), use_all_cells=False)
+    named_none = assign_groups(cov, np.ones(len(cov), bool), use_all_cells=False, baseline=None)
+    assert default.labels == named_none.labels == sorted(default.labels)
+    np.testing.assert_array_equal(default.code, named_none.code)
+    assert default.baseline == "HEL|L1" and default.baseline_rule == FIRST_SORTED
+
+
+def test_named_baseline_is_applied_after_groups_without_ntc_are_dropped() -> None:
+    cov = pd.DataFrame({"cell_line": ["A", "A", "B", "B", "B", "C", "C"]})
+    is_ntc = np.array([True, False, False, False, False, True, False])
+    result = assign_groups(cov, is_ntc, use_all_cells=False, baseline="C", warn=False)
+    assert result.labels == ["C", "A"] and result.dropped == {"B": 3}
+    np.testing.assert_array_equal(result.code, [1, 1, NOT_FIT, NOT_FIT, NOT_FIT, 0, 0])
+
+
+def test_unknown_baseline_names_the_value_and_the_groups() -> None:
+    cov = pd.DataFrame({"cell_line": ["K562", "HEL", "TF1"], "lane": ["L1", "L1", "L2"]})
+    with pytest.raises(InputDataError) as err:
+        assign_groups(cov, np.ones(3, bool), use_all_cells=False, baseline="L1|K562")
+    message = str(err.value)
+    assert "baseline_group 'L1|K562' is not a technical group" in message
+    assert "'HEL|L1', 'K562|L1', 'TF1|L2'" in message
+    assert "['cell_line', 'lane']" in message and "Did you mean 'K562|L1'?" in message
+
+
+def test_baseline_of_a_group_without_ntc_cells_is_refused() -> None:
+    cov = pd.DataFrame({"cell_line": ["A", "A", "B", "B", "B", "C"]})
+    is_ntc = np.array([True, False, False, False, False, True])
+    with pytest.raises(InputDataError, match=r"baseline_group 'B' has no NTC cells: its 3 cell"):
+        assign_groups(cov, is_ntc, use_all_cells=False, baseline="B", warn=False)
+
+
+def test_without_covariates_only_all_is_a_baseline() -> None:
+    cov = pd.DataFrame(index=range(4))
+    result = assign_groups(cov, np.ones(4, bool), use_all_cells=False, baseline="all")
+    assert result.labels == ["all"] and result.baseline_rule == NAMED
+    np.testing.assert_array_equal(result.code, np.zeros(4, np.int64))
+    with pytest.raises(InputDataError, match=r"baseline_group 'K562' is not a technical group"):
+        assign_groups(cov, np.ones(4, bool), use_all_cells=False, baseline="K562")
+
+
+def test_named_baseline_is_recorded_in_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = pd.DataFrame(
+        {
+            "cell": [f"c{i}" for i in range(4)],
+            "target": "ntc",
+            "cell_line": ["K562", "HEL", "TF1", "HEL"],
+            "sum_factor": np.ones(4),
+        }
+    )
+    root = open_root(tmp_path / "run.zarr", create=True)
+    write_cells(root, table, ["cell_line"], "sum_factor")
+    with caplog.at_level(logging.INFO, logger="tasks.groups"):
+        assign_groups_in_store(root, use_all_cells=False, policy="drop", baseline="TF1")
+    attrs = root[GROUPS].attrs
+    assert attrs["baseline_group"] == "TF1" and attrs["baseline_rule"] == NAMED
+    stored = read_groups(root)
+    assert stored.labels == ["TF1", "HEL", "K562"] and stored.baseline_rule == NAMED
+    np.testing.assert_array_equal(stored.code, [2, 1, 0, 1])
+    assert "3 technical groups: TF1, HEL, K562; baseline: TF1 (named by baseline_group)" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assign_groups_in_store(root, use_all_cells=False, policy="drop")
+    assert root[GROUPS].attrs["baseline_group"] == "HEL"
+    assert root[GROUPS].attrs["baseline_rule"] == FIRST_SORTED == "first in sorted order"
