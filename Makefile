@@ -24,7 +24,9 @@ demo: setup
 test: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest $(PYTEST_ARGS)
 
-test-all: PYTEST_ARGS = -q
+# every tier: the fast one and the slow statistical / end-to-end tests (`-m` given, so the
+# model tests' hook does not skip them)
+test-all: PYTEST_ARGS = -m "slow or not slow" -q --durations=25
 test-all: test
 
 lint: setup

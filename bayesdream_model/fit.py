@@ -185,18 +185,19 @@ def _start_flags(start: dict | None, n_features: int) -> dict[str, np.ndarray]:
 
 #: the schedule after a Laplace start: the fit starts at its plateau, so Adam runs at
 #: `fit.lr` itself (no 10x peak: its steps of ~lr only jitter the guide around the
-#: optimum) after a 25-step warm-up (not 10 % of the iteration cap, 5,000 steps), windows
-#: of 25 steps, 2 flat ones after the first, "flat" meaning within 2 standard errors, and
-#: a closing anneal of max(50 steps, 25 %) instead of 250 / 3 / 1 / max(1,000, 25 %):
-#: 125 steps at the least. On the 4,000 x 3,000 negbinom screens (0.08 to 50 counts a
+#: optimum) after a 10-step warm-up (not 10 % of the iteration cap, 5,000 steps), windows
+#: of 10 steps, 2 flat ones after the first, "flat" meaning within 2 standard errors, and
+#: a closing anneal of max(20 steps, 25 %) instead of 250 / 3 / 1 / max(1,000, 25 %):
+#: 50 steps at the least. On the 4,000 x 3,000 negbinom screens (0.08 to 50 counts a
 #: cell) the posterior right after the Laplace start already recovered the effects as
-#: well as after 300-562 steps (correlation, RMSE and 90 % coverage within 0.002), and
-#: 25-step windows gave the same recovery as 50-step ones in half the steps, for every
-#: family (benchmarks/bench_steps.py)
+#: well as after 300-562 steps (correlation, RMSE and 90 % coverage within 0.002); 25-step
+#: windows gave the same recovery as 50-step ones, and 10-step windows as 25-step ones on
+#: the real-shaped screens (coverage per effect class within 0.005, RMSE within 0.006;
+#: benchmarks/bench_steps.py and bench_real_screens.py)
 LAPLACE_SCHEDULE = {
     "peak_factor": 1.0,
-    "warmup_steps": 25,
-    "window": 25,
+    "warmup_steps": 10,
+    "window": 10,
     "patience": 2,
     "noise_factor": 2.0,
     "anneal_windows": 2,

@@ -64,7 +64,7 @@ class LaplaceSettings:
     fd_fraction: float = 0.1
     fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
     eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)
-    global_rounds: int = 2  # globals, then the features again (models with global sites)
+    global_rounds: int = 1  # globals, then the features again (models with global sites)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def our_recovery(store: str, folder: Path) -> dict[str, Any]:
     import zarr
 
     group = zarr.open_group(store, mode="r")["technical/negbinom"]
-    names = np.asarray(group["feature_names"][...]).astype(str)
+    names = [str(n) for n in group["feature_names"][...]]
     with np.load(folder / "truth.npz") as f:
         truth, classes, truth_names = f["effects"], f["classes"], f["feature_names"].astype(str)
     where = {n: i for i, n in enumerate(names)}
@@ -174,8 +174,33 @@ def our_recovery(store: str, folder: Path) -> dict[str, Any]:
     low, high = np.quantile(draws, [0.05, 0.95], axis=0)
     flagged = np.asarray(group["baseline_no_counts"][...])[index]
     labels = [str(v) for v in group["group_labels"][...]]
-    result = by_class(draws.mean(0), low, high, truth[1:], classes[1:], flagged)
+    mean = draws.mean(0)
+    np.savez(folder / "estimates_ours.npz", lfc=mean, low=low, high=high)
+    result = by_class(mean, low, high, truth[1:], classes[1:], flagged)
     return {"groups": labels, "flagged_baseline_no_counts": int(flagged.sum()), **result}
+
+
+def common_recovery(folder: Path, names: list[str]) -> dict[str, Any]:
+    """Every method's per-class figures on the effects that all of them estimate (finite
+    estimate and interval): the like-for-like comparison of error."""
+    with np.load(folder / "truth.npz") as f:
+        truth, classes = f["effects"][1:], f["classes"][1:]
+    estimates = {}
+    for name in names:
+        with np.load(folder / f"estimates_{name}.npz") as f:
+            if "low" in f:
+                estimates[name] = (f["lfc"], f["low"], f["high"])
+            else:
+                lfc, se = f["lfc"], f["se"]
+                estimates[name] = (lfc, lfc - Z90 * se, lfc + Z90 * se)
+    common = np.ones(truth.shape, dtype=bool)
+    for values in estimates.values():
+        common &= np.isfinite(np.stack(values)).all(0)
+    out = {"n_common": int(common.sum()), "n_all": int(common.size)}
+    for name, (est, low, high) in estimates.items():
+        keep = lambda x: np.where(common, x, np.nan)  # noqa: E731
+        out[name] = by_class(keep(est), keep(low), keep(high), truth, classes)
+    return out
 
 
 def peer_recovery(folder: Path, peer: str) -> dict[str, Any] | None:
@@ -217,6 +242,9 @@ def run_row(args, root: Path, screen, row_spec, prior: str) -> dict[str, Any]:
                 round(seconds / ours_fit, 2) if seconds and ours_fit else None
             )
             row[f"peer_{peer}"] = result
+        present = ["ours"] + [p for p in PEERS if (folder / f"estimates_{p}.npz").exists()]
+        if len(present) > 1:
+            row["common"] = common_recovery(folder, present)
     return row
 
 
@@ -286,6 +314,34 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             )  # fmt: skip
 
 
+def print_common(rows: list[dict[str, Any]]) -> None:
+    """Error and coverage on the effects every method estimates."""
+    print(
+        f"\n{'like for like: effects all methods estimate':<62} {'base':<5} {'method':<9} "
+        f"{'n':>6} {'RMSE all':>8} {'RMSE sm':>7} {'RMSE lg':>7} {'RMSE sil':>8} "
+        f"{'medAE':>6} {'cov all':>7} {'cov sil':>7}"
+    )
+    for r in rows:
+        common = r.get("common")
+        if not common:
+            continue
+        for name in ("ours", *PEERS):
+            classes = common.get(name)
+            if not classes:
+                continue
+
+            def get(cls: str, key: str, classes: dict = classes) -> Any:
+                return (classes.get(cls) or {}).get(key)
+
+            print(
+                f"{r['screen'][:62]:<62} {r['data']['baseline']:<5} {name:<9} "
+                f"{common['n_common']:>6} {fmt(get('all', 'rmse'), '.3f'):>8} "
+                f"{fmt(get('small', 'rmse'), '.3f'):>7} {fmt(get('large', 'rmse'), '.3f'):>7} "
+                f"{fmt(get('silent', 'rmse'), '.3g'):>8} {fmt(get('all', 'median_abs_error'), '.3f'):>6} "
+                f"{fmt(get('all', 'coverage90'), '.3f'):>7} {fmt(get('silent', 'coverage90'), '.3f'):>7}"
+            )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=30_000, help="cells, NTC or not (30,000)")
@@ -326,6 +382,7 @@ def main() -> None:
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print_rows(report["rows"])
+    print_common(report["rows"])
     print(f"\n-> {args.out} (workdir {root})")
 
 

@@ -167,12 +167,13 @@ def _warn_of_baseline(
     log: logging.Logger, name: str, groups: GroupAssignment, codes: np.ndarray, fitted
 ) -> None:
     """One warning when the baseline group holds under SMALL_BASELINE of the fit cells or
-    lacks counts of fit features that other groups express: it gives the counts and names
+    lacks counts of fit features that other groups express (at a rate that predicts 3 or
+    more counts in it: not the chance zeros of low genes): it gives the counts and names
     the option that picks another baseline."""
     if len(groups.labels) < 2:
         return
     cells = np.bincount(codes, minlength=len(groups.labels))
-    silent = fitted.flags.get("baseline_no_counts")
+    none, silent = (fitted.flags.get(k) for k in ("baseline_no_counts", "baseline_silent"))
     n_silent = 0 if silent is None else int(silent.sum())
     share = cells[0] / max(cells.sum(), 1)
     problems = []
@@ -180,9 +181,10 @@ def _warn_of_baseline(
         problems.append(f"holds {cells[0]:,} of {cells.sum():,} fit cells ({share:.1%})")
     if n_silent:
         problems.append(
-            f"has no count of {n_silent:,} of {len(silent):,} fit features that other groups "
-            "express (flagged baseline_no_counts: the data bound their effects from one side "
-            "only)"
+            f"has no count of {n_silent:,} of {len(silent):,} fit features that the other "
+            "groups express at a rate that predicts 3 or more counts in it (with the other "
+            f"features it has no count of, {int(none.sum()):,} are flagged "
+            "baseline_no_counts: the data bound their effects from one side only)"
         )
     if not problems:
         return

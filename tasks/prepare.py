@@ -182,6 +182,8 @@ def held_sparse(
     cells = fit_cell_index(root, name, groups)
     n_cells = len(cells)
     limit = None if mode == "never" else max_sparse_nonzero(budget, n_cells, len(features))
+    if limit is not None and n_cells * len(features) <= limit:
+        limit = None  # even every entry non-zero fits: nothing to estimate or stop at
     estimate = None if limit is None else estimated_nonzero(root, name, cells, features)
     if estimate is not None and estimate > ESTIMATE_MARGIN * limit:
         reason = f"~{estimate:,} non-zeros (from {SAMPLED_BLOCKS} feature blocks) > {limit:,}"

@@ -14,31 +14,35 @@ import math
 import torch
 from pyro.distributions import Gamma, TorchDistribution, constraints
 
-from bayesdream_model.distributions.baseline_prior import TABLE_HIGH, TABLE_LOW, TABLE_STEP
+from bayesdream_model.distributions.baseline_prior import (
+    SLAB_SCALE,
+    SLAB_WEIGHT,
+    TABLE_HIGH,
+    TABLE_LOW,
+    TABLE_STEP,
+    slab_log_density,
+)
 
 LN2 = math.log(2.0)
-SQRT_2PI = math.sqrt(2 * math.pi)
 
 
 class _TableLookup(torch.autograd.Function):
     """log g(r) for r of any shape, from the node table [2, J] (value, slope)."""
 
     @staticmethod
-    def forward(ctx, r, table, tails):  # noqa: D102
-        value, slope = _evaluate(r.double(), table, tails)
+    def forward(ctx, r, table):  # noqa: D102
+        value, slope = _evaluate(r.double(), table)
         ctx.save_for_backward(slope)
         return value.to(r.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (slope,) = ctx.saved_tensors
-        return grad * slope.to(grad.dtype), None, None
+        return grad * slope.to(grad.dtype), None
 
 
-def _evaluate(r: torch.Tensor, table: torch.Tensor, tails: torch.Tensor):
-    """(log g, d log g / dr): cubic Hermite inside the table, normal tails outside.
-
-    `tails` [2, 3]: (log weight, centre, sd) of the lowest and the highest component."""
+def _evaluate(r: torch.Tensor, table: torch.Tensor):
+    """(log g, d log g / dr): cubic Hermite inside the table, the slab outside."""
     n_nodes = table.shape[1]
     position = ((r - TABLE_LOW) / TABLE_STEP).clamp(0.0, n_nodes - 1.0)
     # a NaN r (a diverged step) reads node 0 and stays NaN through t: the loss is not finite
@@ -51,12 +55,9 @@ def _evaluate(r: torch.Tensor, table: torch.Tensor, tails: torch.Tensor):
     value = value + (-2 * t3 + 3 * t2) * v1 + (t3 - t2) * d1
     slope = (6 * t2 - 6 * t) * v0 + (3 * t2 - 4 * t + 1) * d0
     slope = (slope + (-6 * t2 + 6 * t) * v1 + (3 * t2 - 2 * t) * d1) / TABLE_STEP
-    for side, outside in ((0, r < TABLE_LOW), (1, r > TABLE_HIGH)):
-        log_w, centre, sd = tails[side]
-        z = (r - centre) / sd
-        value = torch.where(outside, log_w - 0.5 * z * z - torch.log(sd * SQRT_2PI), value)
-        slope = torch.where(outside, -z / sd, slope)
-    return value, slope
+    outside = (r < TABLE_LOW) | (r > TABLE_HIGH)
+    slab_value, slab_slope = slab_log_density(r)
+    return torch.where(outside, slab_value, value), torch.where(outside, slab_slope, slope)
 
 
 class BaselineMixture(TorchDistribution):
@@ -76,10 +77,6 @@ class BaselineMixture(TorchDistribution):
         table: torch.Tensor,
     ) -> None:
         self.reference, self.mixture, self.table = reference, mixture, table
-        log_w, centres, width = (m.double() for m in mixture)
-        self.tails = torch.stack(
-            [torch.stack([log_w[i], centres[i], width]) for i in (0, log_w.shape[-1] - 1)]
-        )
         super().__init__(reference.shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None):  # noqa: D102
@@ -93,15 +90,18 @@ class BaselineMixture(TorchDistribution):
         """log g(r) - log(mu ln 2), r = log2(mu / reference)."""
         log_mu = torch.log(value)
         r = (log_mu - torch.log(self.reference)) / LN2
-        return _TableLookup.apply(r, self.table.double(), self.tails) - log_mu - math.log(LN2)
+        return _TableLookup.apply(r, self.table.double()) - log_mu - math.log(LN2)
 
     def sample(self, sample_shape=()) -> torch.Tensor:
-        """Component, then r ~ its normal, then mu."""
+        """Component (or the slab), then r from it, then mu."""
         shape = torch.Size(sample_shape) + self.batch_shape
         log_w, centres, width = (m.double() for m in self.mixture)
         k = torch.multinomial(torch.softmax(log_w, -1), shape.numel(), replacement=True)
         noise = torch.randn(shape, dtype=torch.float64, device=log_w.device)
         r = centres[k].reshape(shape) + width * noise
+        slab = torch.rand(shape, dtype=torch.float64, device=log_w.device) < SLAB_WEIGHT
+        cauchy = torch.distributions.Cauchy(0.0, SLAB_SCALE).sample(shape).to(r)
+        r = torch.where(slab, cauchy, r)
         return (self.reference * torch.exp2(r).to(self.reference.dtype)).detach()
 
 

@@ -51,6 +51,9 @@ from bayesdream_model.stats import constant
 
 log = logging.getLogger(__name__)
 EFFECT_SITE = "log2_alpha_y"
+#: a feature with no baseline count is "silent" there when the other groups' rate predicts
+#: at least this many baseline counts (P(0) < 5 % under equal expression)
+SILENT_EXPECTED = 3.0
 
 
 def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -409,9 +412,15 @@ class NegBinom(Family):
         self, inputs: dict[str, torch.Tensor], data: FitTensors
     ) -> dict[str, torch.Tensor]:
         """`baseline_no_counts`: no count in the baseline group, some in another (the data
-        bound the feature's effects from one side only)."""
+        bound the feature's effects from one side only); `baseline_silent`: those of them
+        whose other groups' rate predicts at least SILENT_EXPECTED baseline counts (not a
+        low gene's chance zeros: a gene off in the baseline group)."""
         totals = data.stats["group_totals"]
-        return {"baseline_no_counts": (totals[0] == 0) & (totals[1:].sum(0) > 0)}
+        exposure = data.stats["sf_moments"][:, 2]  # Σ sf per group [C]
+        none = (totals[0] == 0) & (totals[1:].sum(0) > 0)
+        others = exposure[1:].sum().clamp_min(1e-300)
+        expected = totals[1:].sum(0) / others * exposure[0]
+        return {"baseline_no_counts": none, "baseline_silent": none & (expected >= SILENT_EXPECTED)}
 
     def refinement(
         self, inputs: dict[str, torch.Tensor], data: FitTensors, locs: dict[str, torch.Tensor]

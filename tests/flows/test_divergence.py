@@ -17,8 +17,8 @@ from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
 from tasks.store import COMPLETE, fit_key, results_key
 
-#: the default fit starts at the Laplace approximation and polishes on windows of 100
-#: steps: breaking it at step 350, after the copies of steps 200 and 300, returns it to 200
+#: the default fit starts at the Laplace approximation and polishes on windows of 10
+#: steps: breaking it at step 35, after the copies of steps 20 and 30, returns it to 20
 WINDOW = LAPLACE_SCHEDULE["window"]
 BROKEN_AT = 3 * WINDOW + WINDOW // 2
 

@@ -287,8 +287,8 @@ def test_the_short_schedule_only_after_a_start_every_feature_took() -> None:
     options = FitOptions()
     took = {"features_converged": 5, "features_kept_start": 0}
     short = svi_settings(options, 50_000, start=took)
-    assert (short.window, short.patience, short.peak_factor) == (25, 2, 1.0)
-    assert short.warmup_steps == 25 and short.noise_factor == 2.0
+    assert (short.window, short.patience, short.peak_factor) == (10, 2, 1.0)
+    assert short.warmup_steps == 10 and short.noise_factor == 2.0
     for start in (None, {"features_converged": 4, "features_kept_start": 1}):
         reference = svi_settings(options, 50_000, start=start)
         assert (reference.window, reference.patience, reference.peak_factor) == (250, 3, 10.0)

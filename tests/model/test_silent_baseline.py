@@ -21,7 +21,9 @@ from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import PriorOptions, get_family
 from bayesdream_model.distributions.baseline_prior import (
     CENTRES,
+    SLAB_WEIGHT,
     WIDTH,
+    slab_log_density,
     fit_mixture,
     log_density_table,
 )
@@ -78,11 +80,21 @@ def test_the_tabulated_prior_is_the_mixture() -> None:
     log_g = torch.logsumexp(mixture[0][None] - 0.5 * z**2, -1) - math.log(
         WIDTH * math.sqrt(2 * math.pi)
     )
+    log_g = torch.logaddexp(log_g + math.log1p(-SLAB_WEIGHT), slab_log_density(r_exact)[0])
     exact = log_g - torch.log(reference * torch.exp2(r_exact)) - math.log(math.log(2.0))
     (exact_slope,) = torch.autograd.grad(exact.sum(), r_exact)
     assert torch.allclose(value, exact.detach(), atol=3e-7, rtol=0)
     # d/dmu = d/dr / (mu ln 2)
     assert torch.allclose(slope * mu.detach() * math.log(2.0), exact_slope, atol=2e-5, rtol=0)
+
+
+def test_a_diverged_draw_gives_a_non_finite_prior_not_an_error() -> None:
+    """SVI's recovery needs a non-finite loss from a NaN parameter, not an IndexError."""
+    log_w = np.full(CENTRES.size, -math.log(CENTRES.size))
+    mixture = (torch.as_tensor(log_w), torch.as_tensor(CENTRES), torch.tensor(WIDTH))
+    prior = BaselineMixture(torch.ones(3), mixture, torch.as_tensor(log_density_table(log_w)))
+    value = prior.log_prob(torch.tensor([float("nan"), 1.0, 1e-30]))
+    assert torch.isnan(value[0]) and torch.isfinite(value[1:]).all()
 
 
 def _small_screen(silent_fraction: float, seed: int = 0):
@@ -174,6 +186,8 @@ def test_silent_features_are_flagged_and_the_fit_stays_short() -> None:
     expected = (base == 0) & (data.y[data.groups != 0].sum(0) > 0)
     assert expected.sum() > 20
     np.testing.assert_array_equal(fitted.flags["baseline_no_counts"], expected)
+    silent = fitted.flags["baseline_silent"]  # of them, those the others predict >= 3 of
+    assert (silent <= expected).all() and 0 < silent.sum() < expected.sum()
     assert not fitted.flags["start_not_converged"].any()
     assert fitted.svi.start["features_kept_start"] == 0
     plain = _fit(_small_screen(0.0)[0])
