@@ -54,7 +54,7 @@ class LaplaceSettings:
     """Newton's limits; the finite-difference step is `fd_fraction` of a posterior sd."""
 
     max_iters: int = 25
-    tolerance: float = 1e-4
+    tolerance: float = 1e-3  # the Newton decrement: ~0.03 posterior sd from the MAP
     max_backtracks: int = 8
     max_radius: float = 30.0  # a step is at most this many posterior sds (|H| metric)
     #: and moves no coordinate further than this (unconstrained units: log o_y, log mu, log2

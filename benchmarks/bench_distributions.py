@@ -311,6 +311,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--groups", type=int, default=3, help="technical groups C (default 3)")
     p.add_argument("--categories", type=int, default=4, help="multinomial K (default 4)")
     p.add_argument("--missing", type=float, default=0.1, help="NaN fraction, normal/studentt")
+    p.add_argument(
+        "--shift-scale",
+        type=float,
+        default=None,
+        help="normal/studentt: effects N(0, (s x each feature's sd)^2) instead of N(0, 0.25)",
+    )
+    p.add_argument(
+        "--fit-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fit: option of the flow's config (repeatable), e.g. continuous_prior=standard_error",
+    )
     p.add_argument("--student-df", type=float, default=3.0, help="studentt noise df (3)")
     p.add_argument("--effect-sd", type=float, default=0.5, help="sd of simulated effects")
     p.add_argument(

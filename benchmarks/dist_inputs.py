@@ -4,6 +4,7 @@ recovery of the simulated effects from a finished store."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,16 @@ def simulate(name: str, args: argparse.Namespace) -> dict[str, Any]:
     elif name == "multinomial":
         s = sim.simulate_multinomial(**size, n_categories=args.categories, seed=args.seed)
     elif name == "normal":
-        s = sim.simulate_continuous(**size, missing=args.missing, seed=args.seed)
+        s = sim.simulate_continuous(
+            **size, missing=args.missing, shift_scale=args.shift_scale, seed=args.seed
+        )
     elif name == "studentt":
         s = sim.simulate_continuous(
-            **size, student_df=args.student_df, missing=args.missing, seed=args.seed
+            **size,
+            student_df=args.student_df,
+            missing=args.missing,
+            shift_scale=args.shift_scale,
+            seed=args.seed,
         )
     else:
         raise ValueError(name)
@@ -67,6 +74,9 @@ def write_inputs(name: str, args: argparse.Namespace, folder: Path) -> dict[str,
     import pandas as pd
     import scipy.sparse as sp
 
+    if args.fit_option:  # the flow's config, beyond its defaults (`dist_worker.flow_config`)
+        fit = dict(item.split("=", 1) for item in args.fit_option)
+        (folder / "config_extra.json").write_text(json.dumps({"fit": fit}))
     t0 = time.perf_counter()
     screen = simulate(name, args)
     t_sim = time.perf_counter() - t0

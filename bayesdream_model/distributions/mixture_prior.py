@@ -56,8 +56,13 @@ def _evaluate(r: torch.Tensor, table: torch.Tensor):
     slope = (6 * t2 - 6 * t) * v0 + (3 * t2 - 4 * t + 1) * d0
     slope = (slope + (-6 * t2 + 6 * t) * v1 + (3 * t2 - 2 * t) * d1) / TABLE_STEP
     outside = (r < TABLE_LOW) | (r > TABLE_HIGH)
-    slab_value, slab_slope = slab_log_density(r)
-    return torch.where(outside, slab_value, value), torch.where(outside, slab_slope, slope)
+    # the slab only where some r needs it (asked on a CPU only: on a GPU the question is a
+    # device-to-host sync that costs more than the slab)
+    if r.device.type != "cpu" or bool(outside.any()):
+        slab_value, slab_slope = slab_log_density(r)
+        value = torch.where(outside, slab_value, value)
+        slope = torch.where(outside, slab_slope, slope)
+    return value, slope
 
 
 class BaselineMixture(TorchDistribution):

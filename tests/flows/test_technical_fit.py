@@ -98,7 +98,8 @@ def _check_modality(root: zarr.Group, name: str, n_groups: int, names: list[str]
     assert group.attrs[COMPLETE] is True
     assert group.attrs["distribution"] == "negbinom"
     assert group.attrs["effect_type"] == "multiplicative"
-    assert group.attrs["nsamples"] == NSAMPLES and group.attrs["niters_run"] == NITERS
+    # the cap, or the short schedule's stop after a Laplace start (50 steps at the least)
+    assert group.attrs["nsamples"] == NSAMPLES and 50 <= group.attrs["niters_run"] <= NITERS
 
 
 def test_demo_run_writes_every_result(tmp_path: Path) -> None:

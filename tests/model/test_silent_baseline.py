@@ -23,9 +23,9 @@ from bayesdream_model.distributions.baseline_prior import (
     CENTRES,
     SLAB_WEIGHT,
     WIDTH,
-    slab_log_density,
     fit_mixture,
     log_density_table,
+    slab_log_density,
 )
 from bayesdream_model.distributions.mixture_prior import BaselineMixture
 from bayesdream_model.distributions.nb_baseline_draws import (
