@@ -229,3 +229,28 @@ def test_the_sparse_and_dense_inputs_give_the_same_learned_prior() -> None:
     )
     for key in ("mu_mean", "base_count", "mu_logits"):
         assert torch.allclose(dense[key].double(), sparse[key].double(), rtol=1e-6), key
+
+
+def test_features_that_keep_their_start_are_counted_with_a_reason_and_flagged(
+    caplog, monkeypatch
+) -> None:
+    """No feature may keep its initial values silently: force Newton to stop short (one
+    iteration, a tolerance no feature meets) and every feature is flagged, with one warning
+    that counts them and says why."""
+    import bayesdream_model.fit as fit_module
+    from bayesdream_model.laplace import LaplaceSettings, laplace_start
+
+    def stopped_short(*args, **kwargs):
+        return laplace_start(*args, **kwargs, settings=LaplaceSettings(max_iters=1, tolerance=0.0))
+
+    monkeypatch.setattr(fit_module, "laplace_start", stopped_short)
+    data, _, _ = _small_screen(0.0)
+    with caplog.at_level("WARNING", logger="bayesdream_model.laplace"):
+        fitted = fit_technical(get_family("negbinom"), data, FitOptions(niters=20))
+    flags = fitted.flags["start_not_converged"]
+    assert flags.all() and flags.shape == (data.n_features,)
+    assert fitted.svi.start["features_kept_start"] == data.n_features
+    warning = caplog.text
+    assert f"{data.n_features} features kept their initial values" in warning
+    assert "did not reach their MAP within 1 Newton iterations" in warning
+    assert "start_not_converged" in warning
