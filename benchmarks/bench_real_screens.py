@@ -254,6 +254,11 @@ def _laplace(store: str) -> dict[str, Any]:
     return dict(zarr.open_group(store, mode="r")["fit/negbinom"].attrs).get("laplace_start") or {}
 
 
+def _get(classes: dict[str, Any], cls: str, key: str) -> Any:
+    """One figure of one effect class from a `by_class` result (None when absent)."""
+    return (classes.get(cls) or {}).get(key)
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """The table: steps, times, error and coverage per class."""
     print(
@@ -265,7 +270,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         flow, ours = r.get("flow") or {}, r.get("ours") or {}
 
         def cov(name: str, ours: dict = ours) -> str:
-            return fmt((ours.get(name) or {}).get("coverage90"), ".3f")
+            return fmt(_get(ours, name, "coverage90"), ".3f")
 
         rss = max(flow.get("rss_peak_mb") or 0, flow.get("vm_hwm_mb") or 0)
         print(
@@ -302,7 +307,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             )
 
             def get(cls: str, key: str, classes: dict = classes) -> Any:
-                return (classes.get(cls) or {}).get(key)
+                return _get(classes, cls, key)
 
             print(
                 f"{r['screen'][:62]:<62} {r['data']['baseline']:<5} {name:<9} {fmt(seconds):>6} "
@@ -331,7 +336,7 @@ def print_common(rows: list[dict[str, Any]]) -> None:
                 continue
 
             def get(cls: str, key: str, classes: dict = classes) -> Any:
-                return (classes.get(cls) or {}).get(key)
+                return _get(classes, cls, key)
 
             print(
                 f"{r['screen'][:62]:<62} {r['data']['baseline']:<5} {name:<9} "

@@ -144,7 +144,8 @@ def fit_modality(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )
     on_progress.progress.finish()  # a fit that converged early is finished too
-    _warn_of_baseline(log, name, groups, groups.code[fit_cell_index(root, name, groups)], fitted)
+    codes = data.codes if isinstance(data, StoreCells) else data.groups  # the fit cells'
+    _warn_of_baseline(log, name, groups, codes, fitted)
     group.attrs.update(
         cells_streamed=plan.stream,
         cell_batches=getattr(data, "n_batches", 1),

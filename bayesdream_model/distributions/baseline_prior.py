@@ -71,9 +71,10 @@ PLATEAU_LOW = -16.0
 def empirical_inputs(
     y: SparseCounts, groups: np.ndarray, n_groups: int, sum_factor: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Per feature, what the learned prior needs: the reference mean m_t (as `mu_mean`, and
-    `mu_sd` alike: the prior's scale is g's), the baseline total `base_count`; and the
-    baseline cells' summed size factors `base_exposure` (0-d)."""
+    """Per feature, what the learned prior needs: the reference mean m_t (as `mu_mean`), the
+    baseline total `base_count`; and the baseline cells' summed size factors `base_exposure`
+    (0-d). `mu_sd` = m_t too: inputs not yet finished with g (`learned_mixture`) describe
+    an exponential at m_t, so a model built from them alone still has a proper prior."""
     totals = scaled_group_sums(y, np.ones(y.shape[0]), groups, n_groups)  # raw counts [C, T]
     exposure = np.bincount(groups, weights=sum_factor, minlength=n_groups)
     reference = reference_means(totals, exposure)
@@ -120,9 +121,7 @@ def reference_means(group_totals: np.ndarray, group_exposure: np.ndarray) -> np.
     return total / max(float(group_exposure[1:].sum()), 1e-300)
 
 
-def fit_mixture(
-    base_count: np.ndarray, base_exposure: float, reference: np.ndarray
-) -> np.ndarray:
+def fit_mixture(base_count: np.ndarray, base_exposure: float, reference: np.ndarray) -> np.ndarray:
     """The mixture's log weights [K] over `CENTRES` (natural log): the penalised maximum
     of the features' marginal likelihood (`SMOOTHING`).
 

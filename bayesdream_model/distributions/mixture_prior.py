@@ -87,10 +87,6 @@ class BaselineMixture(TorchDistribution):
     def expand(self, batch_shape, _instance=None):  # noqa: D102
         return BaselineMixture(self.reference.expand(batch_shape), self.mixture, self.table)
 
-    def restricted(self, features: torch.Tensor) -> BaselineMixture:
-        """The prior of the features `features` only (batch [F])."""
-        return BaselineMixture(self.reference[features], self.mixture, self.table)
-
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log g(r) - log(mu ln 2), r = log2(mu / reference)."""
         log_mu = torch.log(value)
@@ -113,8 +109,9 @@ class BaselineMixture(TorchDistribution):
 def baseline_mean_prior(inputs: dict[str, torch.Tensor]) -> TorchDistribution:
     """The prior of mu_ntc [T]: the learned mixture where the inputs hold one, else
     Gamma(mean mu_mean, sd mu_sd) (the `weak` and `standard_error` priors)."""
-    mu_mean, mu_sd = inputs["mu_mean"], inputs["mu_sd"]
+    mu_mean = inputs["mu_mean"]
     if "mu_logits" not in inputs:
+        mu_sd = inputs["mu_sd"]
         return Gamma(mu_mean**2 / mu_sd**2, mu_mean / mu_sd**2)
     mixture = (inputs["mu_logits"], inputs["mu_centres"], inputs["mu_width"])
     return BaselineMixture(mu_mean, mixture, inputs["mu_table"])

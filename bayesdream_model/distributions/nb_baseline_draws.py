@@ -22,6 +22,7 @@ group means: log2_alpha[g] = (θ_g - u) / ln 2 with the draw's own θ_g.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pyro.distributions as dist
@@ -31,6 +32,9 @@ from bayesdream_model.constants import LOG_EPS
 from bayesdream_model.distributions.log1p_table import evaluate
 from bayesdream_model.sparse import SparseCounts
 
+#: a feature with no baseline count is "silent" there when the other groups' rate predicts
+#: at least this many baseline counts (P(0) < 5 % under equal expression)
+SILENT_EXPECTED = 3.0
 #: features with fewer baseline counts than this get the exact draws
 FEW_COUNTS = 20
 GRID_POINTS = 512  # 0.076 apart (0.11 log2 units): a 90 % interval spans dozens
@@ -45,15 +49,14 @@ ENTRY_KEYS = ("base_entry_feature", "base_entry_value", "base_entry_sf")
 
 
 def baseline_entries(
-    y: SparseCounts, groups: np.ndarray, sum_factor: np.ndarray
+    y: SparseCounts, groups: np.ndarray, sum_factor: np.ndarray, base_totals: np.ndarray
 ) -> dict[str, np.ndarray]:
     """The baseline cells' non-zero entries (feature, count, size factor) of the features
-    whose baseline total is below FEW_COUNTS: fewer than FEW_COUNTS each. A feature below it
-    over all cells is below it in every batch of them, so batches' entries join whole."""
+    whose baseline total (`base_totals` [T]) is below FEW_COUNTS: fewer than FEW_COUNTS
+    each. A feature below it over all cells is below it in every batch of them, so
+    batches' entries join whole."""
     column = np.repeat(np.arange(y.shape[1]), np.diff(y.indptr))
-    base = groups[y.rows] == 0
-    totals = np.bincount(column[base], weights=y.values[base], minlength=y.shape[1])
-    keep = base & (totals[column] < FEW_COUNTS)
+    keep = (groups[y.rows] == 0) & (base_totals[column] < FEW_COUNTS)
     return {
         "base_entry_feature": column[keep],
         "base_entry_value": y.values[keep].astype(np.float64),
@@ -138,15 +141,15 @@ def draw_u(grid: dict[str, torch.Tensor], n_draws: int) -> torch.Tensor:
 
 
 def baseline_refinement(
-    prior: dist.Distribution,
+    prior_of: Callable[[torch.Tensor], dist.Distribution],
     effect_prior: dist.Distribution,
     stats: dict[str, torch.Tensor],
     locs: dict[str, torch.Tensor],
     effect_site: str,
 ) -> dict[str, torch.Tensor]:
-    """The grids of the features with few baseline counts ({} when none): `prior` is
-    mu_ntc's prior over every fit feature, `locs` the guide's posterior means by site
-    (unconstrained: log mu_ntc, log o_y, the log2 effects)."""
+    """The grids of the features with few baseline counts ({} when none): `prior_of`
+    gives mu_ntc's prior of the features it is handed (indices), `locs` the guide's
+    posterior means by site (unconstrained: log mu_ntc, log o_y, the log2 effects)."""
     features = few_count_features(stats)
     if features.numel() == 0:
         return {}
@@ -156,16 +159,20 @@ def baseline_refinement(
         "theta": u + LN2 * locs[effect_site][:, features].double(),
         "phi": torch.exp(-2.0 * locs["o_y"][features].double()),
     }
-    chosen = _restricted(prior, features)
-    grid = conditional_grid(chosen, effect_prior, means, stats, features)
+    grid = conditional_grid(prior_of(features), effect_prior, means, stats, features)
     return {"features": features, **grid, "cdf": grid["cdf"].float()}
 
 
-def _restricted(prior: dist.Distribution, features: torch.Tensor) -> dist.Distribution:
-    """`prior` (batch [T]) for the features `features` only (batch [F])."""
-    if hasattr(prior, "restricted"):
-        return prior.restricted(features)
-    return dist.Gamma(prior.concentration[features], prior.rate[features])
+def baseline_flags(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`baseline_no_counts` [T]: no count in the baseline group, some in another (the data
+    bound the feature's effects from one side only); `baseline_silent`: those of them whose
+    other groups' rate predicts at least SILENT_EXPECTED baseline counts (not a low gene's
+    chance zeros: a gene off in the baseline group)."""
+    totals = stats["group_totals"]
+    exposure = stats["sf_moments"][:, 2]  # Σ sf per group [C]
+    none = (totals[0] == 0) & (totals[1:].sum(0) > 0)
+    expected = totals[1:].sum(0) / exposure[1:].sum().clamp_min(1e-300) * exposure[0]
+    return {"baseline_no_counts": none, "baseline_silent": none & (expected >= SILENT_EXPECTED)}
 
 
 def refined_draws(

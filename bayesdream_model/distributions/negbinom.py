@@ -31,6 +31,7 @@ from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p
 from bayesdream_model.distributions.mixture_prior import baseline_mean_prior
 from bayesdream_model.distributions.nb_baseline_draws import (
     baseline_entries,
+    baseline_flags,
     baseline_refinement,
     joined_entries,
     refined_draws,
@@ -51,9 +52,6 @@ from bayesdream_model.stats import constant
 
 log = logging.getLogger(__name__)
 EFFECT_SITE = "log2_alpha_y"
-#: a feature with no baseline count is "silent" there when the other groups' rate predicts
-#: at least this many baseline counts (P(0) < 5 % under equal expression)
-SILENT_EXPECTED = 3.0
 
 
 def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -85,7 +83,8 @@ def nb_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torc
     arrays["eps_weights"] = signs[:, None, None] * inverse  # (-1)^(k+1) / k Σ y / sf^k
     arrays["constant"] = arrays["constant"] + moments[:, 1].sum()  # Σ y log sf (y log mu)
     arrays["sf_floor"] = _floors(sf[order], bounds)
-    arrays |= baseline_entries(y, groups, sf)  # the exact baseline draws' few entries
+    # the exact baseline draws' few entries
+    arrays |= baseline_entries(y, groups, sf, arrays["group_totals"][0])
     exact = {"pair_feature": torch.int64, "base_entry_feature": torch.int64}
     return {
         key: torch.as_tensor(np.asarray(value), dtype=exact.get(key, torch.float64), device=device)
@@ -411,16 +410,8 @@ class NegBinom(Family):
     def feature_flags(
         self, inputs: dict[str, torch.Tensor], data: FitTensors
     ) -> dict[str, torch.Tensor]:
-        """`baseline_no_counts`: no count in the baseline group, some in another (the data
-        bound the feature's effects from one side only); `baseline_silent`: those of them
-        whose other groups' rate predicts at least SILENT_EXPECTED baseline counts (not a
-        low gene's chance zeros: a gene off in the baseline group)."""
-        totals = data.stats["group_totals"]
-        exposure = data.stats["sf_moments"][:, 2]  # Σ sf per group [C]
-        none = (totals[0] == 0) & (totals[1:].sum(0) > 0)
-        others = exposure[1:].sum().clamp_min(1e-300)
-        expected = totals[1:].sum(0) / others * exposure[0]
-        return {"baseline_no_counts": none, "baseline_silent": none & (expected >= SILENT_EXPECTED)}
+        """`baseline_no_counts` and `baseline_silent` (`nb_baseline_draws.baseline_flags`)."""
+        return baseline_flags(data.stats)
 
     def refinement(
         self, inputs: dict[str, torch.Tensor], data: FitTensors, locs: dict[str, torch.Tensor]
@@ -429,8 +420,13 @@ class NegBinom(Family):
         counts (`nb_baseline_draws`): their posterior draws take u from it."""
         if EFFECT_SITE not in locs:  # one group: no effect relative to a baseline
             return {}
-        prior, effect = baseline_mean_prior(inputs), self._effect_prior(locs["mu_ntc"].double())
-        return baseline_refinement(prior, effect, data.stats, locs, EFFECT_SITE)
+
+        def prior_of(features: torch.Tensor) -> dist.Distribution:
+            per_feature = {k: inputs[k][features] for k in ("mu_mean", "mu_sd") if k in inputs}
+            return baseline_mean_prior(inputs | per_feature)
+
+        effect = self._effect_prior(locs["mu_ntc"].double())
+        return baseline_refinement(prior_of, effect, data.stats, locs, EFFECT_SITE)
 
     def refine_draws(
         self, draws: dict[str, torch.Tensor], refinement: dict[str, torch.Tensor]
