@@ -244,7 +244,7 @@ def _fit_data(family: Family, data: FitArrays | CellSource, device: torch.device
         if family.sparse_fit:
             data = replace(data, y=as_sparse(data.y))  # once, not per use
         tensors = family.tensors(data, device)
-        priors, inits = family.fit_inputs(data)
+        priors, inits = family.fit_inputs(data, tensors)
         return family.finish_inputs(priors), inits, tensors, None
     priors, inits = blockwise_inputs(family, data)
     priors = family.finish_inputs(priors)

@@ -5,7 +5,8 @@ terms that each depend on one feature's D unconstrained latents z_t (its effects
 baseline, dispersion or scale): its gradient [T, D] is one backward pass, its Hessian
 [T, D, D] is D more (double backward where the family's likelihood is plain torch), or
 2D gradients at z ± h e_d (central differences where the likelihood is a custom
-autograd Function with a hand-written first derivative only: negbinom, Student-t). So a
+autograd Function with a hand-written first derivative only: negbinom, Student-t; while
+the features are still far from their MAP, D gradients at z + h e_d, one-sided). So a
 few damped Newton steps, batched over every feature at once, reach every feature's MAP
 for the price of a few dozen SVI steps, and the inverse negative Hessian there is the
 Laplace covariance. The guide starts at N(MAP, H^-1); SVI then only polishes (the
@@ -62,6 +63,11 @@ class LaplaceSettings:
     #: are huge, and a step of 30 of them ran to phi ~ e^50, where no gradient is accurate
     max_move: float = 4.0
     fd_fraction: float = 0.1
+    #: one-sided differences (D gradients, not 2D) while some moving feature's decrement
+    #: was above this at the iteration before: far from the MAP a Hessian off by a few %
+    #: still gives a good step (the next decrement is ~its square's share of this), and
+    #: the iterations that decide convergence and give the covariance are central
+    one_sided_above: float = 30.0
     fd_first: float = 1e-2  # first step's h, x (1 + |z|), before any curvature is known
     eigen_floor: float = 1e-9  # |eigenvalues| floored at this x the largest (per feature)
     global_rounds: int = 1  # globals, then the features again (models with global sites)
@@ -98,7 +104,9 @@ def laplace_start(
 
     Features and globals alternate (`global_rounds` times): the globals couple the
     features only through their priors (beta_o through o_y ~ Exponential(beta_o)), weakly,
-    so two rounds reach the joint MAP. `passes`, for a fit whose cells are streamed, loads
+    so two rounds reach the joint MAP. (Globals first, at their MAP given the features'
+    start, would save the features' second run, but the start would then depend on the
+    initial values: two starts ended 0.05 posterior sd apart.) `passes`, for a fit whose cells are streamed, loads
     each batch of cells in turn: every gradient is then the mean of the batches' (scaled)
     gradients, the whole data's exactly, so the start is the in-memory fit's start.
     `start` (constrained values by site, `Family.newton_start`) is where Newton begins
@@ -113,7 +121,7 @@ def laplace_start(
     precision = None
     for _ in range(settings.global_rounds if objective.u.numel() else 0):
         precision, steps = _global_newton(objective, z, settings)
-        z, hessian, converged, more = newton.run(z)
+        z, hessian, converged, more = newton.run(z, near=True)
         iterations += steps + more
     cov_chol, ok = _laplace_cholesky(hessian)
     use = converged & ok
@@ -222,11 +230,25 @@ class _Objective:
         self.evaluations += len(points)
         return [t / parts for t in totals]
 
-    def derivatives(self, z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient [T, D] and Hessian [T, D, D] at z; `h` [T, D]: finite-difference steps."""
+    def derivatives(
+        self,
+        z: torch.Tensor,
+        h: torch.Tensor,
+        grad: torch.Tensor | None = None,
+        *,
+        one_sided: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient [T, D] and Hessian [T, D, D] at z; `h` [T, D]: finite-difference steps
+        (central, or `one_sided`); `grad`: the gradient at z when known (the line
+        search's), not evaluated again."""
         if self.second == "autograd":
             return self._autograd_hessian(z)
-        return _central_differences(self.gradients, z, h)
+        return _central_differences(self.gradients, z, h, grad, one_sided=one_sided)
+
+    @property
+    def exact_hessian(self) -> bool:
+        """Whether the Hessian is autograd's (no differences to choose)."""
+        return self.second == "autograd"
 
     def _autograd_hessian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row d of every feature's Hessian is the gradient of Σ_t g[t, d] (features are
@@ -247,16 +269,26 @@ class _Objective:
         return grad_total / parts, 0.5 * (hessian + hessian.transpose(-1, -2))
 
 
-def _central_differences(gradients, z: torch.Tensor, h: torch.Tensor):
-    """(g(z), symmetrised Hessian) of points [..., D] from g at z and z ± h_d e_d."""
+def _central_differences(
+    gradients, z: torch.Tensor, h: torch.Tensor, grad=None, *, one_sided: bool = False
+):
+    """(g(z), symmetrised Hessian) of points [..., D] from g at z (`grad` when known) and
+    z ± h_d e_d (`one_sided`: z + h_d e_d only, error O(h) instead of O(h²))."""
     width = z.shape[-1]
-    points = [z]
+    points = [] if grad is not None else [z]
     for d in range(width):
         step = torch.zeros_like(z)
         step[..., d] = h[..., d]
-        points += [z + step, z - step]
+        points += [z + step] if one_sided else [z + step, z - step]
     grads = gradients(points)
-    columns = [(grads[1 + 2 * d] - grads[2 + 2 * d]) / (2 * h[..., d, None]) for d in range(width)]
+    if grad is not None:
+        grads = [grad, *grads]
+    if one_sided:
+        columns = [(grads[1 + d] - grads[0]) / h[..., d, None] for d in range(width)]
+    else:
+        columns = [
+            (grads[1 + 2 * d] - grads[2 + 2 * d]) / (2 * h[..., d, None]) for d in range(width)
+        ]
     hessian = torch.stack(columns, dim=-1)
     return grads[0], 0.5 * (hessian + hessian.transpose(-1, -2))
 
@@ -271,16 +303,28 @@ class _Newton:
     def __init__(self, objective: _Objective, settings: LaplaceSettings) -> None:
         self.objective, self.settings = objective, settings
 
-    def run(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(z at the end, its Hessian, which features converged, Newton iterations)."""
+    def run(
+        self, z: torch.Tensor, *, near: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(z at the end, its Hessian, which features converged, Newton iterations); `near`:
+        z is close to the MAP already (central differences from the first iteration)."""
         settings = self.settings
         h = settings.fd_first * (1.0 + z.abs())
+        known = None  # the gradient at z, once a line search has evaluated it
+        far = not (near or self.objective.exact_hessian)  # one-sided until near the MAP
         for iteration in range(settings.max_iters + 1):
-            grad, hessian = self.objective.derivatives(z, h)
+            grad, hessian = self.objective.derivatives(z, h, known, one_sided=far)
             step, decrement, converged, moving = _newton_step(grad, hessian, settings)
+            if far and (iteration == settings.max_iters or not moving.any()):
+                # the last Hessian gives the covariance: central, at this same z
+                grad, hessian = self.objective.derivatives(z, h, grad)
+                step, decrement, converged, moving = _newton_step(grad, hessian, settings)
+            far = far and bool(moving.any()) and decrement[moving].max() > settings.one_sided_above
             if iteration == settings.max_iters or not moving.any():
                 return z, hessian, converged, iteration
-            z = _line_search(self.objective.gradients, z, grad, step, settings.max_backtracks)
+            z, known = _line_search(
+                self.objective.gradients, z, grad, step, settings.max_backtracks
+            )
             h = _next_steps(hessian, z, h, settings)
         raise AssertionError("unreachable")
 
@@ -302,7 +346,7 @@ def _global_newton(
         step, _, _, moving = _newton_step(grad, hessian, settings)
         if iteration == settings.max_iters or not moving.any():
             break
-        u = _line_search(gradients, u, grad, step, settings.max_backtracks)
+        u, _ = _line_search(gradients, u, grad, step, settings.max_backtracks)
         h = _next_steps(hessian, u, h, settings)
     objective.u = u[0]
     return torch.diagonal(hessian[0]), iteration
@@ -333,7 +377,8 @@ def _next_steps(hessian, z, h, settings: LaplaceSettings) -> torch.Tensor:
 
 def _line_search(gradients, z: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, tries: int):
     """z + a step per row, a from 1 down until the directional derivative at the new point
-    is below half its size at z (rows that never get there stay at z)."""
+    is below half its size at z (rows that never get there stay at z); and the gradient
+    at the new z (rows that stayed: `grad`)."""
     slope0 = (grad * step).sum(-1)  # < 0 where moving, 0 where not
     alpha = torch.ones_like(slope0)
     pending = slope0 < 0
@@ -345,11 +390,12 @@ def _line_search(gradients, z: torch.Tensor, grad: torch.Tensor, step: torch.Ten
         slope = (g_new * step).sum(-1)
         good = torch.isfinite(g_new).all(-1) & (slope <= 0.5 * slope0.abs())
         z = torch.where((pending & good)[:, None], trial, z)
+        grad = torch.where((pending & good)[:, None], g_new, grad)
         pending = pending & ~good
         secant = slope0.abs() / (slope0.abs() + slope.clamp_min(0.0))
         shrink = torch.where(torch.isfinite(secant), secant.clamp(0.1, 0.5), 0.1)
         alpha = torch.where(pending, alpha * shrink, alpha)
-    return z
+    return z, grad
 
 
 def _eigen(hessian: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

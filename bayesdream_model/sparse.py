@@ -125,6 +125,27 @@ class SparseCounts:
         for start in range(0, self.shape[1], width):
             yield start, self.select_features(slice(start, start + width)).dense()
 
+    def feature_blocks(
+        self, width: int, positions: np.ndarray | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first feature, dense float64 [<= width features, N] block) over the columns, in
+        order; cell n at column `positions[n]` (a permutation; default: n). Filled in
+        memory order, a feature's cells one run, into one buffer that every block reuses
+        (each is overwritten by the next: use it before asking for the next); fresh
+        blocks' first touch of their pages cost as much as filling them."""
+        n_rows, n_features = self.n_rows, self.shape[1]
+        buffer = np.empty((min(width, n_features), n_rows), dtype=np.float64)
+        for start in range(0, n_features, width):
+            stop = min(start + width, n_features)
+            span = slice(self.indptr[start], self.indptr[stop])
+            block = buffer[: stop - start]
+            block.fill(0.0)
+            offsets = np.arange(stop - start, dtype=np.int64) * n_rows
+            flat = np.repeat(offsets, np.diff(self.indptr[start : stop + 1]))
+            flat += self.rows[span] if positions is None else positions[self.rows[span]]
+            block.ravel()[flat] = self.values[span]
+            yield start, block
+
 
 def as_sparse(y: np.ndarray | SparseCounts) -> SparseCounts:
     """The non-zeros of a dense fit matrix, or the sparse one itself."""

@@ -150,9 +150,10 @@ class Family(ABC):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Data-driven initial values (sites not named start at the prior median)."""
 
-    def fit_inputs(self, data: FitArrays) -> tuple[dict, dict]:
+    def fit_inputs(self, data: FitArrays, tensors: FitTensors | None = None) -> tuple[dict, dict]:
         """(prior inputs, initial values): what the fit computes from the data before it
-        starts (a family whose two share work computes it once)."""
+        starts (a family whose two share work computes it once, or reads it from the
+        likelihood's `tensors` of the same data when given)."""
         return self.prior_inputs(data), self.initial_values(data)
 
     def finish_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,9 +32,6 @@ import math
 
 import numpy as np
 
-from bayesdream_model.sparse import SparseCounts
-from bayesdream_model.sparse_stats import scaled_group_sums
-
 log = logging.getLogger(__name__)
 
 #: centres of the mixture's components in r (log2 of baseline over reference mean) and
@@ -69,13 +66,13 @@ PLATEAU_LOW = -16.0
 
 
 def empirical_inputs(
-    y: SparseCounts, groups: np.ndarray, n_groups: int, sum_factor: np.ndarray
+    totals: np.ndarray, groups: np.ndarray, n_groups: int, sum_factor: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Per feature, what the learned prior needs: the reference mean m_t (as `mu_mean`), the
-    baseline total `base_count`; and the baseline cells' summed size factors `base_exposure`
-    (0-d). `mu_sd` = m_t too: inputs not yet finished with g (`learned_mixture`) describe
-    an exponential at m_t, so a model built from them alone still has a proper prior."""
-    totals = scaled_group_sums(y, np.ones(y.shape[0]), groups, n_groups)  # raw counts [C, T]
+    """Per feature, what the learned prior needs, from the raw group totals [C, T]: the
+    reference mean m_t (as `mu_mean`), the baseline total `base_count`; and the baseline
+    cells' summed size factors `base_exposure` (0-d). `mu_sd` = m_t too: inputs not yet
+    finished with g (`learned_mixture`) describe an exponential at m_t, so a model built
+    from them alone still has a proper prior."""
     exposure = np.bincount(groups, weights=sum_factor, minlength=n_groups)
     reference = reference_means(totals, exposure)
     return {

@@ -26,7 +26,7 @@ from bayesdream_model.distributions.base import (
     PriorOptions,
     summed_stats,
 )
-from bayesdream_model.distributions.effects import sample_group_effects
+from bayesdream_model.distributions.effects import broadcast_shape, sample_group_effects
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
 from bayesdream_model.stats import constant, group_sums
@@ -64,7 +64,7 @@ def _with_baseline_k(effect: torch.Tensor | None, like: torch.Tensor) -> torch.T
     first = torch.zeros_like(like).unsqueeze(-3)
     if effect is None:
         return first
-    batch = torch.broadcast_shapes(effect.shape[:-3], first.shape[:-3])
+    batch = broadcast_shape(effect.shape[:-3], first.shape[:-3])
     first = first.expand(*batch, *first.shape[-3:])
     return torch.cat([first, effect.expand(*batch, *effect.shape[-3:])], dim=-3)
 

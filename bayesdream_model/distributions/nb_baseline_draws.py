@@ -55,12 +55,17 @@ def baseline_entries(
     whose baseline total (`base_totals` [T]) is below FEW_COUNTS: fewer than FEW_COUNTS
     each. A feature below it over all cells is below it in every batch of them, so
     batches' entries join whole."""
-    column = np.repeat(np.arange(y.shape[1]), np.diff(y.indptr))
-    keep = (groups[y.rows] == 0) & (base_totals[column] < FEW_COUNTS)
+    few = np.flatnonzero(np.asarray(base_totals) < FEW_COUNTS)
+    lengths = y.indptr[few + 1] - y.indptr[few]
+    # the entries of those features only: a few of the fit's, not a pass over all
+    starts = np.repeat(y.indptr[few] - np.cumsum(lengths) + lengths, lengths)
+    entries = starts + np.arange(lengths.sum())
+    column, rows = np.repeat(few, lengths), y.rows[entries]
+    keep = groups[rows] == 0
     return {
         "base_entry_feature": column[keep],
-        "base_entry_value": y.values[keep].astype(np.float64),
-        "base_entry_sf": np.asarray(sum_factor, np.float64)[y.rows[keep]],
+        "base_entry_value": y.values[entries[keep]].astype(np.float64),
+        "base_entry_sf": np.asarray(sum_factor, np.float64)[rows[keep]],
     }
 
 

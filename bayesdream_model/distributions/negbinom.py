@@ -6,7 +6,7 @@ import copy
 import functools
 import logging
 import math
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from itertools import pairwise
 
 import numpy as np
@@ -291,27 +291,28 @@ class NegBinom(Family):
         From the non-zeros (`sparse_stats`; dense input is made sparse first, so the two
         agree bit for bit): cost O(non-zeros), but for "standard_error" the features that
         are mostly non-zero, whose median is taken dense, a block at a time."""
-        return self._priors(data, _group_sums(data))
+        return self._priors(data, _GroupSums.of(data))
 
-    def fit_inputs(self, data: FitArrays) -> tuple[dict, dict]:
-        """Prior inputs and initial values from one pass of group sums over the entries."""
-        sums = _group_sums(data)
-        return self._priors(data, sums), self._inits(data, sums)
+    def fit_inputs(self, data: FitArrays, tensors: FitTensors | None = None) -> tuple[dict, dict]:
+        """Prior inputs and initial values from one set of group sums: the likelihood's
+        statistics hold them (`tensors`, when given), else one pass over the entries."""
+        sums = _GroupSums.of(data, tensors)
+        return self._priors(data, sums), self._inits(data, sums.scaled)
 
-    def _priors(self, data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
-        """`prior_inputs` given the size-factor-scaled group sums [C, T]."""
+    def _priors(self, data: FitArrays, sums: _GroupSums) -> dict[str, torch.Tensor]:
+        """`prior_inputs` given the group sums."""
         y, sf = as_sparse(data.y), data.sum_factor
         if self.baseline_prior == "empirical" and data.n_groups > 1:
-            return self._empirical_inputs(data, y)
+            return self._empirical_inputs(data, sums.raw())
         if self.baseline_prior in ("weak", "empirical"):  # empirical, one group: weak
             # an exponential whose mean is the mean over all fit cells: never ~0 for a
             # feature the filters kept (one with no baseline count still has others'), and
             # no robust sd needed, so the priors cost O(non-zeros)
-            mean = sums.sum(axis=0) / data.n_cells + EPSILON
+            mean = sums.scaled.sum(axis=0) / data.n_cells + EPSILON
             sd = mean.copy()
         else:
             n_base = max(int((data.groups == 0).sum()), 1)
-            mean = sums[0] / n_base + EPSILON
+            mean = sums.scaled[0] / n_base + EPSILON
             sd = scaled_robust_sd(y, sf, epsilon=EPSILON) / math.sqrt(data.n_cells) + EPSILON
             sd = np.maximum(sd, mean * 0.1)
         return {
@@ -321,9 +322,9 @@ class NegBinom(Family):
             "beta_o_beta": torch.tensor(self.beta_o_beta),
         }
 
-    def _empirical_inputs(self, data: FitArrays, y: SparseCounts) -> dict[str, torch.Tensor]:
+    def _empirical_inputs(self, data: FitArrays, totals: np.ndarray) -> dict[str, torch.Tensor]:
         """Per feature, what the learned prior needs (`baseline_prior.empirical_inputs`)."""
-        arrays = empirical_inputs(y, data.groups, data.n_groups, data.sum_factor)
+        arrays = empirical_inputs(totals, data.groups, data.n_groups, data.sum_factor)
         return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()} | {
             "beta_o_alpha": torch.tensor(self.beta_o_alpha),
             "beta_o_beta": torch.tensor(self.beta_o_beta),
@@ -341,7 +342,7 @@ class NegBinom(Family):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts
         (group sums over the non-zeros)."""
-        return {} if data.n_groups < 2 else self._inits(data, _group_sums(data))
+        return {} if data.n_groups < 2 else self._inits(data, _GroupSums.of(data).scaled)
 
     @staticmethod
     def _inits(data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
@@ -493,6 +494,28 @@ class NegBinom(Family):
         return int(inputs["mu_mean"].shape[-1])
 
 
-def _group_sums(data: FitArrays) -> np.ndarray:
-    """Σ over each group's cells of y / sf [C, T], from the non-zeros."""
-    return scaled_group_sums(as_sparse(data.y), data.sum_factor, data.groups, data.n_groups)
+@dataclass(frozen=True)
+class _GroupSums:
+    """Per (group, feature) sums over the cells: `scaled` Σ y / sf [C, T], and the raw
+    Σ y, read from the likelihood's statistics when they hold them (its table's moments
+    are these sums, in float64, from the same pass) or summed over the non-zeros."""
+
+    scaled: np.ndarray
+    data: FitArrays
+    totals: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data: FitArrays, tensors: FitTensors | None = None) -> _GroupSums:
+        stats = None if tensors is None else tensors.stats
+        if stats is not None and "yl_moments" in stats:
+            moments = stats["yl_moments"].cpu().numpy()  # Σ y, Σ y log sf, Σ y sf^k, Σ y / sf
+            return cls(moments[:, 2 + POWERS], data, moments[:, 0])
+        y = as_sparse(data.y)
+        return cls(scaled_group_sums(y, data.sum_factor, data.groups, data.n_groups), data)
+
+    def raw(self) -> np.ndarray:
+        """Σ y per (group, feature) [C, T]."""
+        if self.totals is not None:
+            return self.totals
+        y = as_sparse(self.data.y)
+        return scaled_group_sums(y, np.ones(y.shape[0]), self.data.groups, self.data.n_groups)

@@ -26,7 +26,7 @@ def value_histograms(y: SparseCounts) -> dict[str, np.ndarray]:
     for lo, hi in column_runs(y.indptr, ENTRY_CHUNK):
         span = slice(y.indptr[lo], y.indptr[hi])
         local = np.repeat(np.arange(hi - lo), np.diff(y.indptr[lo : hi + 1]))
-        run_pairs, run_counts = _value_histogram(local, y.values[span].astype(np.float64), hi - lo)
+        run_pairs, run_counts = _value_histogram(local, y.values[span], hi - lo)
         run_pairs[0] += lo
         pairs.append(run_pairs)
         counts.append(run_counts)
@@ -75,12 +75,13 @@ def _value_histogram(
     integer keys, as are non-integer values. numpy's unique over the columns of a 2-D
     array sorts structured records and was 20x slower.
     """
-    top = values.max(initial=0.0)
+    top = float(values.max(initial=0.0))
     cap = int(min(top, HISTOGRAM_BINS // max(n_features, 1) - 2))  # counted <= cap
     if not values.size or cap < 0 or not (values == np.round(values)).all():
         return _sorted_histogram(cols, values)
     width = cap + 2  # the last column: every count above the cap
-    keys = cols.astype(np.int64) * width + np.minimum(values, cap + 1).astype(np.int64)
+    # integers (checked): the cap applied to the int64 counts, not to floats (4x faster)
+    keys = cols.astype(np.int64) * width + np.minimum(values.astype(np.int64), cap + 1)
     table = np.bincount(keys, minlength=n_features * width).reshape(n_features, width)
     table[:, cap + 1] = 0
     feature, value = np.nonzero(table)
@@ -100,7 +101,7 @@ def _sorted_histogram(cols: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     distinct, code = np.unique(values, return_inverse=True)
     keys, counts = np.unique(cols.astype(np.int64) * len(distinct) + code, return_counts=True)
     feature, which = np.divmod(keys, len(distinct))
-    return np.stack([feature.astype(np.float64), distinct[which]]), counts
+    return np.stack([feature.astype(np.float64), distinct.astype(np.float64)[which]]), counts
 
 
 HISTOGRAM_BINS = 1 << 23  # 64 MB of int64 counts at most

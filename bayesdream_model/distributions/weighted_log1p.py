@@ -70,22 +70,25 @@ def weighted_log1p_table(
     inverse_powers = max(inverse_powers, INVERSE_POWERS)
     columns = 3 * n_nodes + 2 + POWERS + inverse_powers
     out = torch.zeros((n_groups, n_features, columns), dtype=torch.float64, device=device)
-    # each chunk of each group's cells: its rows and what each of its counts multiplies,
-    # computed once for every feature block
+    # the cells ordered by group: each chunk of a group's cells is a run of a block's
+    # columns; its rows' per-cell functions of sf computed once for every feature block
+    order = np.argsort(groups, kind="stable")
+    positions = np.empty_like(order)
+    positions[order] = np.arange(len(order))
+    bounds = np.searchsorted(groups[order], np.arange(n_groups + 1))
     chunks = [
-        (
-            g,
-            torch.from_numpy(part).to(device),
-            _cell_columns(sf[part], s_nodes, inverse_powers).to(device),
-        )
+        (g, lo, min(lo + CELL_CHUNK, bounds[g + 1]))
         for g in range(n_groups)
-        for part in _chunks(np.flatnonzero(groups == g), CELL_CHUNK)
+        for lo in range(bounds[g], bounds[g + 1], CELL_CHUNK)
+    ]
+    cells = [
+        _cell_columns(sf[order[lo:hi]], s_nodes, inverse_powers).to(device) for _, lo, hi in chunks
     ]
     width = max(1, BLOCK_BYTES // max(1, 8 * y.shape[0]))
-    for start, block in y.dense_blocks(width):
-        counts = torch.from_numpy(block).to(device).double()
-        for g, rows, cells in chunks:
-            out[g, start : start + block.shape[1]] += counts[rows].T @ cells  # [w, columns]
+    for start, block in y.feature_blocks(width, positions):
+        counts = torch.from_numpy(block).to(device)  # [w, N]
+        for (g, lo, hi), per_cell in zip(chunks, cells, strict=True):
+            out[g, start : start + block.shape[0]] += counts[:, lo:hi] @ per_cell  # [w, columns]
     out = out.cpu().numpy()
     nodes = out[..., : 3 * n_nodes].reshape(n_groups, n_features, 3, n_nodes)
     return {
@@ -93,11 +96,6 @@ def weighted_log1p_table(
         "yl_grid": np.array([s_nodes[0], STEP]),
         "yl_moments": np.ascontiguousarray(out[..., 3 * n_nodes :].transpose(0, 2, 1)),
     }
-
-
-def _chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
-    """`rows` in consecutive pieces of at most `size`."""
-    return [rows[lo : lo + size] for lo in range(0, len(rows), size)]
 
 
 def _cell_columns(sf: np.ndarray, s_nodes: np.ndarray, inverse_powers: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ from merged batch statistics it must be the whole data's.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyro
 import torch
@@ -16,7 +18,7 @@ from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.distributions.nb_moments import O_FLOOR_FRACTION, squares_per_feature
 from bayesdream_model.guides import build_guide
-from bayesdream_model.laplace import laplace_start
+from bayesdream_model.laplace import LaplaceSettings, laplace_start
 from bayesdream_model.model import TechnicalModel
 from bayesdream_model.simulate import simulate_negbinom_screen
 from bayesdream_model.streaming import InMemoryCells, merged_tensors
@@ -109,8 +111,10 @@ def test_the_moment_start_reaches_the_same_map_in_fewer_iterations() -> None:
     plain_loc, plain_scale, plain_result = started(data, moments=False)
     loc, scale, result = started(data, moments=True)
     assert result.features_kept_start == 0 and plain_result.features_kept_start == 0
+    # each start stops within a Newton decrement of `tolerance` of the MAP: sqrt(tolerance)
+    # posterior sds (0.032) at most in any direction, so the two are 2 x that apart at most
     difference = ((loc - plain_loc).abs() / plain_scale).max()
-    assert 0 < difference <= 0.05, difference
+    assert 0 < difference <= 2 * math.sqrt(LaplaceSettings().tolerance), difference
     torch.testing.assert_close(scale, plain_scale, rtol=0.02, atol=0)
     assert result.gradient_evaluations < 0.6 * plain_result.gradient_evaluations, (
         result,

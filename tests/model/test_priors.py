@@ -10,6 +10,7 @@ import torch
 from factories import counts_matrix
 from pyro import poutine
 
+import bayesdream_model.distributions.negbinom as negbinom
 import bayesdream_model.fit
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import PriorOptions, get_family
@@ -235,3 +236,26 @@ def test_fit_inputs_are_the_prior_inputs_and_initial_values(baseline: str, n_gro
     for got, expected in ((priors, expected_priors), (inits, expected_inits)):
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("baseline", ["empirical", "weak"])
+def test_fit_inputs_read_from_the_likelihood_statistics_equal_a_pass_over_the_entries(
+    baseline: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory fit takes its group sums from the likelihood's tables (the same sums
+    in float64, no pass over the entries): the priors and initial values equal those of a
+    pass over the entries."""
+    family = get_family("negbinom").configured(PriorOptions(negbinom_baseline=baseline))
+    data = screen(3)
+    tensors = family.tensors(data, "cpu")
+    expected_priors, expected_inits = family.fit_inputs(data)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the group sums were summed over the entries again")
+
+    monkeypatch.setattr(negbinom, "scaled_group_sums", no_pass)
+    priors, inits = family.fit_inputs(data, tensors)
+    assert priors.keys() == expected_priors.keys() and inits.keys() == expected_inits.keys()
+    for got, expected in ((priors, expected_priors), (inits, expected_inits)):
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=0)

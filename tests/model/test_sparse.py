@@ -57,6 +57,26 @@ def test_round_trip_and_blocks() -> None:
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), y)
 
 
+@pytest.mark.parametrize("width", [1, 4, 11, 50])
+def test_feature_blocks_are_the_transposed_matrix_with_cells_placed(width: int) -> None:
+    """Each block is [features, cells] in float64, cell n at column positions[n]; blocks
+    share one buffer, so each is copied before the next is asked for."""
+    y = _matrix()
+    sparse = SparseCounts.from_dense(y)
+    positions = np.random.default_rng(3).permutation(y.shape[0])
+    for placed in (None, positions):
+        starts, blocks = [], []
+        for start, block in sparse.feature_blocks(width, placed):
+            assert block.dtype == np.float64 and block.shape[0] <= width
+            starts.append(start)
+            blocks.append(block.copy())
+        assert starts == list(range(0, y.shape[1], width))
+        expected = y.T if placed is None else np.zeros_like(y.T)
+        if placed is not None:
+            expected[:, positions] = y.T
+        np.testing.assert_array_equal(np.concatenate(blocks), expected)
+
+
 @pytest.mark.parametrize(
     "keep",
     [
