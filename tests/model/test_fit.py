@@ -16,6 +16,8 @@ from bayesdream_model.distributions import get_family
 from bayesdream_model.fit import LAPLACE_SCHEDULE, FitOptions, fit_technical
 from bayesdream_model.guides import flow_bytes
 from bayesdream_model.inference import (
+    RISE_SE,
+    Anneal,
     Checkpointing,
     PlateauDetector,
     SviSettings,
@@ -286,3 +288,30 @@ def test_no_annealing_when_asked_and_resume_inside_the_anneal() -> None:
     resumed = _toy_svi(ANNEAL, Checkpointing(lambda s: None, state, 0.0))
     np.testing.assert_array_equal(resumed.losses, full.losses)
     assert resumed.stop_reason == full.stop_reason
+
+
+def _annealed(rise_in_se: float, *, seed: int = 0) -> str:
+    """The anneal's outcome for a plateau of pure noise (sd 1, windows of 20) followed by
+    an annealed window that is `rise_in_se` standard errors of their difference higher."""
+    rng = np.random.default_rng(seed)
+    plateau, recent = rng.normal(0.0, 1.0, 20), rng.normal(0.0, 1.0, 20)
+    level = (float(plateau.mean()), float(plateau.var(ddof=1)))
+    se = math.sqrt((level[1] + recent.var(ddof=1)) / 20)
+    recent += level[0] - recent.mean() + rise_in_se * se  # the rise, exactly
+    anneal = Anneal(start=20, stop=40, lrs=[0.01], reason="converged: flat", level=level)
+    return anneal.outcome([*plateau, *recent], window=20)
+
+
+def test_the_anneal_tells_a_noise_sized_rise_from_a_real_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rise within RISE_SE standard errors is noise: converged, no warning (two standard
+    errors were called a failure before, and the demo ended in that warning); beyond it
+    the fit is not converged."""
+    with caplog.at_level("WARNING"):
+        assert _annealed(0.95 * RISE_SE).startswith("converged")
+        assert _annealed(2.0).startswith("converged")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    risen = _annealed(1.05 * RISE_SE)
+    assert risen.startswith("not converged: the loss rose by") and "annealed for 20" in risen
+    assert [r for r in caplog.records if "rose by" in r.getMessage()]
