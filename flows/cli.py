@@ -89,11 +89,29 @@ def _add_others(sub) -> None:
     export = sub.add_parser(
         "export",
         help="a modality's effects as an AnnData (.h5ad: var = features, varm = effect "
-        "summaries [features x groups]) or a table (parquet, csv)",
+        "summaries [features x groups]) or a table (parquet, csv); or, with --to bayesdream "
+        "DIR, the posterior draws as the files the reference bayesDREAM's "
+        "load_technical_fit(input_dir=DIR) reads",
     )
     export.add_argument("store", type=Path)
-    export.add_argument("--modality", required=True)
-    export.add_argument("--out", type=Path, required=True, help="e.g. effects.h5ad")
+    export.add_argument(
+        "--modality",
+        action="append",
+        help="the modality (with --out: one; with --to: repeat it for each to hand off, "
+        "default all)",
+    )
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="e.g. effects.h5ad")
+    where.add_argument(
+        "--to",
+        nargs=2,
+        metavar=("bayesdream", "DIR"),
+        help="write DIR/alpha_y_prefit_<modality>.pt (negbinom x-fold, others additive) and "
+        "alpha_x_prefit.pt (the cis feature) for bayesDREAM's load_technical_fit; groups in "
+        "its order (sorted covariate values), re-referenced to its first group when our "
+        "baseline_group differs; features without the cis feature and those constant over "
+        "all cells (features_<modality>.txt lists them)",
+    )
     export.add_argument(
         "--format",
         choices=("h5ad", "parquet", "csv"),
@@ -131,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ValueError) as err:  # model errors are ValueErrors
         log.error("%s", err, exc_info=debug)
         return 2
+    except OSError as err:  # disk full, read-only ... outside a run's store (its own: above)
+        from tasks.filesystem import file_system_fault
+
+        fault = file_system_fault(err)
+        if fault is None:
+            raise
+        log.error("%s", fault, exc_info=debug)
+        return 2
     finally:
         if quiet is not None:
             for handler in logging.getLogger().handlers:
@@ -166,10 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             log.info("Wrote %d rows (%s scale) to %s", len(table), table.attrs["scale"], args.out)
         return 0
     if args.command == "export":
-        from tasks.export import export_effects
-
-        export_effects(str(args.store), args.modality, args.out, args.format)
-        return 0
+        return _export(args)
     from flows.technical_fit import run_demo, technical_fit
 
     if args.command == "demo":
@@ -190,6 +213,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         flow = technical_fit.with_options(task_runner=runner)
     store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`export --out FILE` (one modality's summaries) or `export --to bayesdream DIR`."""
+    if args.to is not None:
+        from tasks.export_bayesdream import TARGET, export_bayesdream
+
+        if args.to[0] != TARGET or args.format is not None:
+            raise PipelineError(
+                f"--to {args.to[0]}: the only target is '{TARGET}' (--to {TARGET} DIR), and "
+                "--format is for --out only."
+            )
+        export_bayesdream(str(args.store), Path(args.to[1]), modalities=args.modality)
+        return 0
+    from tasks.export import export_effects
+
+    if len(args.modality or []) != 1:
+        raise PipelineError(
+            f"--out writes one modality: give exactly one --modality (got {args.modality})."
+        )
+    export_effects(str(args.store), args.modality[0], args.out, args.format)
     return 0
 
 

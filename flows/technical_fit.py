@@ -8,21 +8,30 @@ threads, so concurrent chains in one process would not be reproducible for a see
 `technical_fit.with_options(task_runner=...)` (or the CLI's `--workers`) widens it, and
 `with_dask(address)` runs the tasks on a Dask cluster (the CLI's `--dask`), one
 process per chain.
+
+What a Prefect user sees: a flow run named after its store (`run_name`), task runs named
+after their modality (`fit-gene`), the model's and the tasks' own log lines in the run's
+logs (`tasks.run_logging`), and a run refused because another run holds the store ending
+Cancelled, with one message naming that run (its flow run's name and id, pid and host).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from prefect import Flow, flow
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
-from tasks.lock import store_lock
+from tasks.lock import StoreLockedError, store_lock
+from tasks.run_logging import send_library_logs
 from tasks.steps import (
     assign_groups,
     create_store,
@@ -47,18 +56,52 @@ def _selected(cfg: RunConfig, modality: str | None) -> list[str]:
     return [modality]
 
 
-@flow(name="technical-fit", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def run_name(config: str | dict[str, Any], overrides: list[str], modality: str | None) -> str:
+    """A flow run's name: its store's path (and the one modality it fits, if given), so
+    that runs on different stores are told apart in the UI and in `prefect flow-run ls`.
+
+    A config that cannot be read names the run after the config's path: a name must not
+    fail the run; the flow then fails, saying what is wrong with the config."""
+    try:
+        store = str(resolve_config(config, list(overrides)).store)
+    except Exception:  # any error at all: the flow body reports it properly
+        store = f"config {config}" if isinstance(config, str) else "config (a mapping)"
+    return f"{store} [{modality}]" if modality else store
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
+    return run_name(
+        parameters.get("config", ""), parameters.get("overrides") or [], parameters.get("modality")
+    )
+
+
+@flow(
+    name="technical-fit",
+    flow_run_name=_flow_run_name,
+    log_prints=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
+)
 def technical_fit(
     config: str | dict[str, Any],
     overrides: list[str] | None = None,
     modality: str | None = None,
-) -> str:
-    """Fit the technical model for every modality (or one) and return the store path."""
+) -> str | State:
+    """Fit the technical model for every modality (or one) and return the store path.
+
+    A store held by another run ends this run Cancelled (it did nothing, and nothing is
+    wrong with it), its message naming that run; called in-process, the call still raises
+    the `StoreLockedError`."""
+    send_library_logs()
     started = time.time()
     cfg = resolve_config(config, list(overrides or []))
     names = _selected(cfg, modality)
     # One writer per store: a second run on it (scheduled or by hand) refuses at once.
-    with store_lock(cfg.store):
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(store_lock(cfg.store))
+        except StoreLockedError as err:
+            return Cancelled(message=str(err), data=err)
         return _chains(cfg, names, started)
 
 

@@ -1,12 +1,16 @@
 """Prefect artifacts of a run, and the terminal progress bar.
 
-- `Progress`: the progress artifact of a loop (`fit-progress-<modality>` for the SVI
-  steps, `sample-progress-<modality>` for the posterior draws) and, when stderr is a
-  terminal, a tqdm bar (tqdm comes with pyro-ppl).
-- `publish_exclusions`: table artifact `excluded-features-<modality>`, one row per
+Every key ends with the store's slug (`store_slug`: its last folder names and a hash of
+its path), so that runs on different stores keep apart: Prefect shows the latest artifact
+of a key as that key's latest, whichever run wrote it.
+
+- `Progress`: the progress artifact of a loop (`fit-progress-<modality>-<slug>` for the
+  SVI steps, `sample-progress-<modality>-<slug>` for the posterior draws) and, when stderr
+  is a terminal, a tqdm bar (tqdm comes with pyro-ppl).
+- `publish_exclusions`: table artifact `excluded-features-<modality>-<slug>`, one row per
   feature the NTC filters excluded, one column per reason.
-- `publish_reports`: markdown artifact `report-<modality>` with the loss curve and the
-  posterior-mean effects embedded as PNGs (also written to `<store>.reports/`); it and
+- `publish_reports`: markdown artifact `report-<modality>-<slug>` with the loss curve and
+  the posterior-mean effects embedded as PNGs (also written to `<store>.reports/`); it and
   its description name the baseline group ("baseline: K562 (named by baseline_group)").
 
 Outside a Prefect run (a test calling a task's `.fn` or a library function directly)
@@ -16,6 +20,7 @@ and never fails the step: artifacts are a view of the run; the store is its resu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -40,6 +45,7 @@ from tasks.store import results_key
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_TABLE_ROWS = 5000  # an artifact is for reading; the store's flags hold every feature
+SLUG_CHARS = 24  # of a store's folder names in its artifact keys
 
 
 def in_run() -> bool:
@@ -51,9 +57,34 @@ def in_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
-def artifact_key(kind: str, name: str) -> str:
-    """`<kind>-<name>` as Prefect accepts keys: lowercase letters, digits and dashes."""
-    key = re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{name}".lower())
+def artifact_key(kind: str, name: str, *, store: str | Path | zarr.Group) -> str:
+    """`<kind>-<name>-<store slug>`, as Prefect accepts keys: lowercase letters, digits and
+    dashes. `store` is the store's path, or the store opened from it."""
+    return _key_text(f"{kind}-{name}-{store_slug(store)}")
+
+
+def store_slug(store: str | Path | zarr.Group) -> str:
+    """A store's short, key-safe name: up to `SLUG_CHARS` of its last folder names (for
+    the reader) and 8 hex digits of its absolute path's hash (for uniqueness), e.g.
+    '/data/screen-a/results/run.zarr' -> 'screen-a-results-run-' + 8 hex digits."""
+    if isinstance(store, zarr.Group):
+        store = _store_location(store)
+    path = Path(store).expanduser().resolve()  # one slug however the path is spelt
+    parts = list(path.parts[-3:])
+    parts[-1] = parts[-1].removesuffix(".zarr")
+    readable = _key_text("-".join(parts))[-SLUG_CHARS:].strip("-")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def _store_location(root: zarr.Group) -> str:
+    """The path a store was opened from (its repr for a store that is not a folder)."""
+    location = getattr(root.store, "root", None)
+    return str(location) if location is not None else str(root.store)
+
+
+def _key_text(text: str) -> str:
+    key = re.sub(r"[^a-z0-9-]+", "-", text.lower())
     return re.sub(r"-{2,}", "-", key).strip("-")
 
 
@@ -176,7 +207,7 @@ def publish_exclusions(root: zarr.Group, name: str, log: logging.Logger | None =
             else "."
         )
     )
-    key = artifact_key("excluded-features", name)
+    key = artifact_key("excluded-features", name, store=root)
     _attempt(key, lambda: create_table_artifact(shown, key=key, description=description), log)
 
 
@@ -197,7 +228,7 @@ def _publish_report(
 ) -> ModalityReport | None:
     from prefect.artifacts import create_markdown_artifact
 
-    key = artifact_key("report", name)
+    key = artifact_key("report", name, store=store)
     report = _attempt(key, lambda: write_report(root, store, name), log)
     if report is not None:
         description = (

@@ -48,14 +48,15 @@ from tasks.anndata_files import (
     is_mudata_file,
 )
 from tasks.errors import ConfigError, InputDataError
+from tasks.store import FIXED_GROUPS, reserved_modality_names
 
 Distribution = Literal[DISTRIBUTIONS]  # type: ignore[valid-type]  # from the registry
 
 # Suffixes whose files carry no feature names or cell ids of their own.
 UNNAMED_SUFFIXES = (".npy", ".npz")
 MODALITY_NAME = re.compile(r"[a-z0-9_]+")
-# "cis" is the cis feature's results group; "cells" would collide with inputs/cells.
-RESERVED_MODALITY_NAMES = frozenset({"cis", "cells"})
+# {name: fixed store group}: a modality of that name would write into that group
+RESERVED_MODALITY_NAMES = reserved_modality_names()
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -299,8 +300,13 @@ class RunConfig(BaseModel):
         problems = []
         if bad:
             problems.append(f"modality names must match [a-z0-9_]+, got {bad}")
-        if reserved:
-            problems.append(f"modality names {reserved} are reserved (store groups)")
+        for name in reserved:
+            key = RESERVED_MODALITY_NAMES[name]
+            problems.append(
+                f"modality name '{name}' is reserved: its groups would collide with the "
+                f"store's fixed group '{key}' ({FIXED_GROUPS[key]}); rename the modality "
+                f"(reserved names: {', '.join(RESERVED_MODALITY_NAMES)})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return value

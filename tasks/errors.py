@@ -15,3 +15,12 @@ class InputDataError(PipelineError):
 
 class StoreError(PipelineError):
     """The Zarr store is missing something a step needs, or is incomplete."""
+
+
+class StoreWriteError(StoreError):
+    """The file system refused a write of the store: the disk is full or the quota used
+    up, the location is read-only or not writable by the user."""
+
+
+class InsufficientSpaceError(StoreError):
+    """The disk under the store has less free space than the run's results need."""

@@ -43,12 +43,13 @@ INPUT_ORDER = "order"  # attr of fit/<name>/inputs: the prior inputs in the fami
 class ProgressLogger:
     """Logs SVI progress every `every` steps (and on the last); a progress artifact and bar."""
 
-    def __init__(self, log: logging.Logger, name: str, *, every: int = 500) -> None:
+    def __init__(
+        self, log: logging.Logger, name: str, *, store: zarr.Group, every: int = 500
+    ) -> None:
         self.log, self.name, self.every = log, name, every
         self.start = time.perf_counter()
-        self.progress = Progress(
-            artifact_key("fit-progress", name), f"{name}: SVI", unit="step", log=log
-        )
+        key = artifact_key("fit-progress", name, store=store)
+        self.progress = Progress(key, f"{name}: SVI", unit="step", log=log)
 
     def __call__(self, step: int, niters: int, loss: float) -> None:
         """The callback handed to the SVI loop."""
@@ -139,7 +140,7 @@ def fit_modality(
     checkpointing = Checkpointing(
         save=lambda st: _save_checkpoint(group, st), state=state, every_s=fit.checkpoint_seconds
     )
-    on_progress = ProgressLogger(log, name)
+    on_progress = ProgressLogger(log, name, store=root)
     fitted = fit_technical(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )

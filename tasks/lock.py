@@ -3,10 +3,11 @@
 Scheduled and manual runs meet: a nightly deployment and a `bayesdream run` by hand, or
 two CLI runs, must not write the same groups at once. A run takes `<store>.lock` with an
 exclusive create (atomic on local and network file systems), writes who holds it (host,
-pid, user, start time, a token) and touches it every `HEARTBEAT_S` while it runs. A second
-run finds the file and refuses at once, naming the holder. A lock whose holder is gone is
-taken over, with a warning: on the same host, when its pid no longer runs (or now belongs
-to a process started after the lock); from another host, when its heartbeat is older than
+pid, user, start time, a token, and the Prefect flow run's name and id when a flow run
+takes it) and touches it every `HEARTBEAT_S` while it runs. A second run finds the file
+and refuses at once, naming the holder. A lock whose holder is gone is taken over, with a
+warning: on the same host, when its pid no longer runs (or now belongs to a process
+started after the lock); from another host, when its heartbeat is older than
 `STALE_AFTER_S`. The lock is a sibling of the store, not a file in it, so that the store
 holds nothing but its Zarr hierarchy.
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -30,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from tasks.errors import StoreError
+from tasks.filesystem import store_faults
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +55,19 @@ class Holder:
     started: str  # ISO 8601, UTC
     process_started: float  # the holder process's creation time (pid reuse test)
     token: str
+    # the Prefect flow run holding the lock (None outside one, and in older lock files)
+    flow_run_name: str | None = None
+    flow_run_id: str | None = None
 
     def describe(self) -> str:
-        """'pid 4242 on host gpu01 (user ana), since 2026-12-02T15:00:00+00:00'."""
-        return f"pid {self.pid} on host {self.host} (user {self.user}), since {self.started}"
+        """'pid 4242 on host gpu01 (user ana), flow run 'nightly-otter' (id 0c1e...), since
+        2026-12-02T15:00:00+00:00' (without the flow run when none holds the lock)."""
+        run = (
+            f", flow run '{self.flow_run_name}' (id {self.flow_run_id})"
+            if self.flow_run_id is not None
+            else ""
+        )
+        return f"pid {self.pid} on host {self.host} (user {self.user}){run}, since {self.started}"
 
 
 def lock_path(store: Path) -> Path:
@@ -67,7 +79,7 @@ def read_holder(store: Path) -> Holder | None:
     """The current holder, or None when the lock is absent or unreadable."""
     try:
         data = json.loads(lock_path(store).read_text())
-        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__})
+        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -117,19 +129,25 @@ def _locked(store: Path, holder: Holder | None) -> StoreLockedError:
 
 @contextlib.contextmanager
 def store_lock(store: Path) -> Iterator[Holder]:
-    """Hold the lock on `store` for the body; refuse at once when another run holds it."""
-    holder = _acquire(Path(store))
-    stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat, args=(Path(store), holder, stop), daemon=True, name="store-lock"
-    )
-    beat.start()
-    try:
-        yield holder
-    finally:
-        stop.set()
-        beat.join(timeout=5.0)
-        _release(Path(store), holder)
+    """Hold the lock on `store` for the body; refuse at once when another run holds it.
+
+    A disk-full, quota, read-only or permission fault met under the lock (taking the lock
+    file, or any write of the run's steps) comes out, once the lock is given back, as one
+    `StoreWriteError` that names the store and what the run needs: every run that writes
+    the store, from the CLI or a deployment, writes it under this lock."""
+    with store_faults(Path(store)):
+        holder = _acquire(Path(store))
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=_heartbeat, args=(Path(store), holder, stop), daemon=True, name="store-lock"
+        )
+        beat.start()
+        try:
+            yield holder
+        finally:
+            stop.set()
+            beat.join(timeout=5.0)
+            _release(Path(store), holder)
 
 
 def _acquire(store: Path) -> Holder:
@@ -143,6 +161,7 @@ def _acquire(store: Path) -> Holder:
         started=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         process_started=psutil.Process().create_time(),
         token=uuid.uuid4().hex,
+        **_flow_run(),
     )
     for _ in range(3):
         try:
@@ -199,6 +218,19 @@ def _release(store: Path, holder: Holder) -> None:
     current = read_holder(store)
     if current is not None and current.token == holder.token:
         lock_path(store).unlink(missing_ok=True)
+
+
+def _flow_run() -> dict[str, str]:
+    """The Prefect flow run taking the lock, from its run context (no API call); empty
+    outside a flow run (Prefect not even imported: the CLI's early check)."""
+    if "prefect" not in sys.modules:
+        return {}
+    from prefect.context import FlowRunContext
+
+    run = getattr(FlowRunContext.get(), "flow_run", None)
+    if run is None:
+        return {}
+    return {"flow_run_name": run.name, "flow_run_id": str(run.id)}
 
 
 def _user() -> str:

@@ -2,11 +2,12 @@
 
 What a user loses to a bad input is nothing: an earlier run's store at the same path is
 left exactly as it was. So the store's location, the cells table, the technical groups,
-every modality's names, shapes, cell matching and values are checked here, read-only,
-and only then does the run withdraw completion marks and write. Values are read in one
-pass of blocks (the checks ingestion makes again while copying), except for a modality
-whose ingested copy in the store is complete and of the same file content: that copy
-was checked when it was written, and ingestion will be skipped.
+every modality's names, shapes, cell matching and values are checked here, read-only, and
+so is the free space of the store's disk against the results' size; only then does the
+run withdraw completion marks and write. Values are read in one pass of blocks (the
+checks ingestion makes again while copying), except for a modality whose ingested copy
+in the store is complete and of the same file content: that copy was checked when it was
+written, and ingestion will be skipped.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import zarr
 
 from tasks.config import RunConfig
 from tasks.errors import InputDataError
+from tasks.filesystem import check_free_space, results_bytes, size, still_to_write
 from tasks.fingerprint import Fingerprints, fingerprints
 from tasks.groups import NTC, GroupAssignment, assign_groups
 from tasks.ingest import check_modality, read_cells_table
 from tasks.ingest.matrix import ModalityPlan, check_values
-from tasks.store import check_store_location, inputs_key, is_unchanged
+from tasks.store import check_store_location, inputs_key, is_unchanged, results_key
 
 SHOW = 5
 
@@ -45,7 +47,38 @@ def check_run(
         if stored is None or not is_unchanged(stored, inputs_key(name), prints.ingest[name]):
             check_values(cfg, plan, log)
         plans[name] = plan
+    check_space(cfg, plans, n_groups=len(groups.labels), prints=prints, stored=stored)
     return prints, plans
+
+
+def check_space(
+    cfg: RunConfig,
+    plans: dict[str, ModalityPlan],
+    *,
+    n_groups: int,
+    prints: Fingerprints,
+    stored: zarr.Group | None,
+) -> None:
+    """The results this run will write fit the free space of the store's disk: they are
+    preallocated at full size, so a run that would fill the disk mid-sampling (after a fit
+    of hours) is refused now. Results kept from an earlier run need nothing."""
+    pending, shapes = 0, []
+    for name, plan in plans.items():
+        if stored is not None and is_unchanged(stored, results_key(name), prints.sample[name]):
+            continue
+        planned = results_bytes(
+            plan.distribution,
+            n_samples=cfg.fit.nsamples,
+            n_groups=n_groups,
+            matrix_shape=plan.shape,
+        )
+        pending += still_to_write(cfg.store, name, planned)
+        categories = f" x {plan.shape[2]} categories" if len(plan.shape) > 2 else ""
+        shapes.append(
+            f"'{name}': {cfg.fit.nsamples} draws x {n_groups} groups x {plan.shape[0]} "
+            f"features{categories}, {size(planned)}"
+        )
+    check_free_space(Path(cfg.store), pending, "; ".join(shapes))
 
 
 def table_groups(cfg: RunConfig, table: pd.DataFrame) -> GroupAssignment:

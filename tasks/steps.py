@@ -21,6 +21,7 @@ from tasks.ingest import ingest_modality, read_cells_table, write_cells
 from tasks.ingest.matrix import ModalityPlan
 from tasks.preflight import check_run
 from tasks.prepare import filter_features, read_flags
+from tasks.run_logging import send_library_logs
 from tasks.sampling import SampleRequest, sample_modality
 from tasks.store import (
     CELLS,
@@ -51,6 +52,18 @@ def _timed(fn):
     return wrapper
 
 
+def _sends_library_logs(fn):
+    """The task's own and the model's `logging.getLogger(__name__)` lines go to its run's
+    logs too, in whichever process it runs (a Dask worker's as well): `send_library_logs`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        send_library_logs()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig:
     """A config path (with `--set` overrides) or an already-parsed mapping."""
     if isinstance(config, dict):
@@ -60,7 +73,8 @@ def resolve_config(config: str | Path | dict, overrides: list[str]) -> RunConfig
     return load_config(config, overrides)
 
 
-@task(name="withdraw-completion")
+@task(name="withdraw-completion", task_run_name="withdraw-completion")
+@_sends_library_logs
 def withdraw_completion(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> None:
     """After pre-flight: an earlier run's store stops claiming more than it holds.
 
@@ -131,7 +145,8 @@ def _interrupted_sampling(root: zarr.Group, key: str, fingerprint: str) -> bool:
     )
 
 
-@task(name="preflight")
+@task(name="preflight", task_run_name="preflight")
+@_sends_library_logs
 def preflight(
     cfg: RunConfig, modalities: list[str]
 ) -> tuple[Fingerprints, dict[str, ModalityPlan]]:
@@ -143,7 +158,8 @@ def preflight(
     return prints, plans
 
 
-@task(name="create-store")
+@task(name="create-store", task_run_name="create-store")
+@_sends_library_logs
 def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> str:
     """Open (or create) the store, record the config, and (re)write the cells if changed."""
     root = open_root(cfg.store, create=True)
@@ -162,7 +178,8 @@ def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) ->
     return str(cfg.store)
 
 
-@task(name="ingest")
+@task(name="ingest", task_run_name="ingest-{name}")
+@_sends_library_logs
 @_timed
 def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) -> str:
     """Copy a modality's matrix into the store, chunked, in the cells table's order."""
@@ -175,7 +192,8 @@ def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) 
     return f"{cfg.store}/{key}"
 
 
-@task(name="assign-groups")
+@task(name="assign-groups", task_run_name="assign-groups")
+@_sends_library_logs
 @_timed
 def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     """Technical groups from the covariates; returns the labels in code order."""
@@ -191,7 +209,8 @@ def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
     return read_groups(root).labels
 
 
-@task(name="filter-features")
+@task(name="filter-features", task_run_name="filter-features-{name}")
+@_sends_library_logs
 @_timed
 def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, int]:
     """NTC filters; returns the number of features flagged by each reason."""
@@ -206,7 +225,8 @@ def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, in
     return {k: int(v.sum()) for k, v in flags.as_dict().items()}
 
 
-@task(name="fit")
+@task(name="fit", task_run_name="fit-{name}")
+@_sends_library_logs
 @_timed
 def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """SVI fit of one modality (skipped when unchanged, resumed when killed)."""
@@ -218,7 +238,8 @@ def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     return fit_modality(root, name, cfg.fit, get_run_logger(), fingerprint=prints.fit[name])
 
 
-@task(name="sample")
+@task(name="sample", task_run_name="sample-{name}")
+@_sends_library_logs
 @_timed
 def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """Posterior draws of one modality into its preallocated results (resumed when killed)."""
@@ -238,7 +259,9 @@ def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
         cis_feature=cfg.modalities[name].cis_feature,
         fingerprint=prints.sample[name],
     )
-    progress = Progress(artifact_key("sample-progress", name), f"{name}: posterior", unit="batch")
+    progress = Progress(
+        artifact_key("sample-progress", name, store=cfg.store), f"{name}: posterior", unit="batch"
+    )
     summary = sample_modality(root, name, request, get_run_logger(), on_batch=progress.update)
     progress.finish()
     _stamp(root, key, prints.sample[name])
@@ -247,7 +270,8 @@ def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     return summary
 
 
-@task(name="finalize")
+@task(name="finalize", task_run_name="finalize")
+@_sends_library_logs
 def finalize(cfg: RunConfig, started: float, summaries: dict[str, Any]) -> str:
     """Run-level provenance, then `complete: true` on the root, written last."""
     root = open_root(cfg.store)

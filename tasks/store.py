@@ -6,7 +6,8 @@
   inputs/<modality>/              counts [T, N(, K)] float32, chunked (features, cells)
                                   denominator (binomial), feature_names [T], present [N]
   prep/groups/                    code, fit [N] (code -1 = not fit), labels [C]
-  prep/<modality>/                flags/<flag> [T] bool
+  prep/<modality>/                <flag> [T] bool (ntc_zero_count, ntc_zero_std, ...),
+                                  feature [T]
   fit/<modality>/                 params/<pyro param name>, loss; attrs: guide, niters_run …
   technical/<modality>/           results (see the README), attr complete: true written last
   technical/cis/                  the cis feature's results
@@ -81,6 +82,31 @@ def results_key(modality: str) -> str:
 
 
 CIS_KEY = "technical/cis"
+
+#: the groups every modality has, by store key
+MODALITY_GROUPS = (inputs_key, prep_key, fit_key, results_key)
+#: groups at fixed keys, beside the modalities' own: what each holds
+FIXED_GROUPS = {
+    CELLS: "the cells table",
+    GROUPS: "the technical group assignment",
+    CIS_KEY: "the cis feature's results",
+}
+
+
+def reserved_modality_names() -> dict[str, str]:
+    """Modality names whose own group would be a fixed group, or hold one: {name: key}.
+
+    A modality's groups are `<parent>/<name>` (`inputs/<name>`, `prep/<name>`, ...), so a
+    modality named `groups` would write its filter flags into `prep/groups`, the group
+    assignment; derived from the layout, so that a fixed group added later is reserved too.
+    """
+    reserved = {}
+    for group_key in MODALITY_GROUPS:
+        parent = group_key("_").rpartition("/")[0] + "/"
+        for key in FIXED_GROUPS:
+            if key.startswith(parent):
+                reserved[key.removeprefix(parent).split("/")[0]] = key
+    return dict(sorted(reserved.items()))
 
 
 RUN_ENCODING = "bayesdream-run"

@@ -143,7 +143,11 @@ def test_cli_deploy_runs_prefect_deploy_from_the_project_root(calls: list) -> No
         assert main(["deploy", str(PREFECT_FILE), "--name", "technical-fit/nightly"]) == 0
     every, named = calls
     assert every["command"][1:] == [
-        "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all",
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        str(PREFECT_FILE),
+        "--all",
     ]
     assert named["command"][-2:] == ["--name", "technical-fit/nightly"]
     assert "--all" not in named["command"]

@@ -1,4 +1,4 @@
-"""One temporary Prefect API (SQLite) for every flow test of the session."""
+"""Flow tests: the session's Prefect API for each; child processes for runs killed mid-way."""
 
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 from _children import Child
 
-# Set before Prefect's settings are read: no telemetry ("database is locked" tracebacks).
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api() -> Iterator[None]:
-    """Start the test harness once (~6 s); each flow run then costs about a second."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+def _flows_use_the_api(prefect_api) -> None:
+    """Every flow test talks to the session's one Prefect API (tests/conftest.py)."""
 
 
 @pytest.fixture

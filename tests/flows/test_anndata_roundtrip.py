@@ -9,6 +9,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import xarray as xr
 import yaml
@@ -16,6 +17,9 @@ import yaml
 from bayesdream_model.simulate import simulate_negbinom_screen
 from flows.cli import main
 from flows.technical_fit import technical_fit
+
+#: the end-to-end tier: h5ad / MuData in, the whole flow, xarray and AnnData out
+pytestmark = pytest.mark.slow
 
 N_CELLS, N_GROUPS, NSAMPLES = 120, 3, 20
 LINES = np.array(["HEL", "K562", "TF1"])  # sorted: code order

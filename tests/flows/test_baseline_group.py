@@ -18,6 +18,7 @@ import tasks.fitting
 import tasks.sampling
 import tasks.steps
 from flows.technical_fit import technical_fit
+from tasks.artifacts import artifact_key
 from tasks.demo import write_demo_inputs
 from tasks.report import write_report
 from tasks.store import CIS_KEY, COMPLETE, GROUPS, fit_key, read_strings, results_key
@@ -90,7 +91,9 @@ def test_the_report_and_its_artifact_name_the_baseline(
     markdown = write_report(_root(config), store, "gene").markdown
     row = "| baseline group (effects relative to it) | TF1 (named by baseline_group) |"
     assert row in markdown
-    artifact = finished[1]["report-gene"]
+    artifact = finished[1][
+        artifact_key("report", "gene", store=finished[0] / "results" / "run.zarr")
+    ]
     assert "baseline: TF1 (named by baseline_group)" in artifact.description
     assert "TF1 (named by baseline_group)" in artifact.data
 

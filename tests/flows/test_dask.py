@@ -42,6 +42,9 @@ from tasks.store import (
     write_strings,
 )
 
+#: the end-to-end tier: a real Dask cluster on loopback
+pytestmark = pytest.mark.slow
+
 N_CELLS, N_FEATURES = 90, 11
 STORE_CHUNKS = (4, 16)  # several chunks along both axes, none aligned with a feature block
 

@@ -17,6 +17,9 @@ from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
 from tasks.store import COMPLETE, fit_key, results_key
 
+#: the statistical tier: two demo fits, one broken mid-way, compared
+pytestmark = pytest.mark.slow
+
 #: the default fit starts at the Laplace approximation and polishes on windows of 10
 #: steps: breaking it at step 35, after the copies of steps 20 and 30, returns it to 20
 WINDOW = LAPLACE_SCHEDULE["window"]

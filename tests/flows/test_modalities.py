@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import yaml
 import zarr
@@ -96,6 +97,7 @@ def _regroup(values: np.ndarray, own: np.ndarray, target: np.ndarray) -> np.ndar
     return out
 
 
+@pytest.mark.slow  # end-to-end: five families in one run
 def test_every_distribution_in_one_run(tmp_path: Path) -> None:
     config = _write_inputs(tmp_path)
     store = Path(technical_fit(str(config)))

@@ -24,6 +24,9 @@ from tasks.checkpoint import decode_state
 from tasks.demo import write_demo_inputs
 from tasks.store import CIS_KEY, COMPLETE, fit_key, results_key
 
+#: the end-to-end tier: runs killed in child processes and resumed
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = f"{fit_key('gene')}/{tasks.fitting.CHECKPOINT}"
 # SVI that never stops early (|a*(loss-ewma)| < 0 never holds) and checkpoints every
 # half second: the child is killed right after its first checkpoint, half a second before

@@ -19,6 +19,9 @@ from tasks.demo import write_demo_inputs
 from tasks.lock import StoreLockedError, lock_path, read_holder
 from tasks.store import COMPLETE, fit_key, results_key
 
+#: the end-to-end tier: two runs in child processes (tests/tasks/test_lock.py takes the lock in-process)
+pytestmark = pytest.mark.slow
+
 # A fit that does not stop early (|a*(loss-ewma)| < 0 never holds): long enough to be
 # caught in the middle, and paused there (SIGSTOP) while the second run tries.
 FIRST = ["fit.niters=3000", "fit.convergence=ewma", "fit.tolerance=0", "fit.nsamples=10"]

@@ -296,6 +296,7 @@ def check_recovery(name: str, sim: SimulatedModality, fitted: FittedModel, draws
     return summary
 
 
+@pytest.mark.slow  # statistical tier: the initial values' path (the default, below, is fast)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_recovers_known_effects(name: str) -> None:
     sim, fitted, draws = fit_and_draw(name, CASES[name])
@@ -314,6 +315,7 @@ def test_default_laplace_start_recovers_in_few_steps(name: str) -> None:
     assert fitted.svi.stop_reason.startswith("converged"), fitted.svi.stop_reason
 
 
+@pytest.mark.slow  # statistical tier: the reference's guide, not the default
 def test_multinomial_spec_guide_recovers_known_effects() -> None:
     """`fit.guide: mean_field` keeps the reference's multinomial guide, a point-mass baseline."""
     case = CASES["multinomial"]

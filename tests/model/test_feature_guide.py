@@ -41,6 +41,7 @@ def screen():
     return sim, data
 
 
+@pytest.mark.slow  # statistical: calibration
 def test_multinomial_feature_guide_is_stable_and_calibrated_at_lr_0_01(screen) -> None:
     sim, data = screen
     family = get_family("multinomial")

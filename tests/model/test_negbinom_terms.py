@@ -127,7 +127,8 @@ def test_shifted_lgamma_equals_the_exact_sum(phi_scale: float) -> None:
     limit it is a sum of digamma differences of ~v/φ, which a float64 difference of two
     digammas (~log φ each) keeps to only ~16 - log10(φ log φ / v) digits; the series forms
     each difference directly."""
-    mpmath = pytest.importorskip("mpmath")
+    import mpmath  # in the test extra: where it is missing, this test fails, never skips
+
     mpmath.mp.dps = 40
     rng = np.random.default_rng(int(np.log10(phi_scale) + 10))
     n_features, n_pairs = 20, 600

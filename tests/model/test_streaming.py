@@ -167,6 +167,7 @@ def _mean_field(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bayesdream_model.guides, "CPU_FLOW_MAX_LATENT", 0)
 
 
+@pytest.mark.slow  # statistical: recovery
 def test_batched_negbinom_fit_recovers_known_effects(monkeypatch: pytest.MonkeyPatch) -> None:
     """Same screen and settings as test_recovery's mean-field case, in 5 batches of cells."""
     _mean_field(monkeypatch)

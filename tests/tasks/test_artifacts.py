@@ -7,7 +7,6 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
@@ -25,6 +24,7 @@ from tasks.artifacts import (  # noqa: E402
     in_run,
     publish_exclusions,
     publish_reports,
+    store_slug,
 )
 from tasks.demo import write_demo_inputs  # noqa: E402
 from tasks.report import reports_folder  # noqa: E402
@@ -44,16 +44,7 @@ class DemoRun:
 
 
 @pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect API for this module (tests/flows has its own session one)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-@pytest.fixture(scope="module")
-def demo_run(prefect_server, tmp_path_factory) -> DemoRun:
+def demo_run(prefect_api, tmp_path_factory) -> DemoRun:
     """The demo screen through the flow, then every artifact of that flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -75,14 +66,14 @@ def demo_run(prefect_server, tmp_path_factory) -> DemoRun:
 
 @pytest.mark.parametrize("kind", ["fit-progress", "sample-progress"])
 def test_progress_artifacts_reach_100(demo_run: DemoRun, kind: str) -> None:
-    artifact = demo_run.artifacts[f"{kind}-{MODALITY}"]
+    artifact = demo_run.artifacts[artifact_key(kind, MODALITY, store=demo_run.store)]
     assert artifact.type == "progress"
     assert float(artifact.data) == 100.0
 
 
 def test_exclusion_table_lists_the_planted_features(demo_run: DemoRun) -> None:
     truth = np.load(demo_run.config.parent / "truth.npz")
-    artifact = demo_run.artifacts[f"excluded-features-{MODALITY}"]
+    artifact = demo_run.artifacts[artifact_key("excluded-features", MODALITY, store=demo_run.store)]
     assert artifact.type == "table"
     table = json.loads(artifact.data)
     rows = {
@@ -97,15 +88,21 @@ def test_exclusion_table_lists_the_planted_features(demo_run: DemoRun) -> None:
 
 
 def test_report_embeds_the_plots_and_the_summary(demo_run: DemoRun) -> None:
-    artifact = demo_run.artifacts[f"report-{MODALITY}"]
+    artifact = demo_run.artifacts[artifact_key("report", MODALITY, store=demo_run.store)]
     assert artifact.type == "markdown"
     markdown = artifact.data
     assert "data:image/png;base64," in markdown
     images = DATA_URI.findall(markdown)
     assert len(images) == 2
     assert all(base64.b64decode(image).startswith(PNG_SIGNATURE) for image in images)
-    for label in ("SVI steps", "stop reason", "fit seconds", "sampling seconds",
-                  "features fit", "features excluded"):
+    for label in (
+        "SVI steps",
+        "stop reason",
+        "fit seconds",
+        "sampling seconds",
+        "features fit",
+        "features excluded",
+    ):
         assert f"| {label} |" in markdown
     assert "| features fit | 18 of 20 in the matrix |" in markdown
 
@@ -118,8 +115,9 @@ def test_report_pngs_lie_beside_the_store_so_zarr_stays_quiet(demo_run: DemoRun)
     assert not (demo_run.store / "reports").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a foreign folder in the store would warn here
-        keys = [key for key, _ in zarr.open_group(str(demo_run.store), mode="r").members(
-            max_depth=None)]
+        keys = [
+            key for key, _ in zarr.open_group(str(demo_run.store), mode="r").members(max_depth=None)
+        ]
     assert f"technical/{MODALITY}" in keys
 
 
@@ -131,8 +129,12 @@ def test_artifact_helpers_are_no_ops_outside_a_run(
     def refuse(*args, **kwargs):
         raise AssertionError("no artifact may be written outside a Prefect run")
 
-    for name in ("create_progress_artifact", "update_progress_artifact",
-                 "create_table_artifact", "create_markdown_artifact"):
+    for name in (
+        "create_progress_artifact",
+        "update_progress_artifact",
+        "create_table_artifact",
+        "create_markdown_artifact",
+    ):
         monkeypatch.setattr(prefect.artifacts, name, refuse)
     assert not in_run()
     progress = Progress("fit-progress-test", "test", unit="step")
@@ -210,12 +212,33 @@ def test_a_failing_artifact_api_warns_once_and_the_loop_goes_on(
 @pytest.mark.parametrize(
     ("kind", "name", "expected"),
     [
-        ("fit-progress", "gene", "fit-progress-gene"),
-        ("report", "ATAC_peaks v2", "report-atac-peaks-v2"),
-        ("sample-progress", "--Splice.Junctions--", "sample-progress-splice-junctions"),
+        ("fit-progress", "gene", "fit-progress-gene-"),
+        ("report", "ATAC_peaks v2", "report-atac-peaks-v2-"),
+        ("sample-progress", "--Splice.Junctions--", "sample-progress-splice-junctions-"),
     ],
 )
 def test_artifact_keys_use_only_what_prefect_accepts(kind: str, name: str, expected: str) -> None:
-    key = artifact_key(kind, name)
-    assert key == expected
+    store = "/data/Screen A/results/run.zarr"
+    key = artifact_key(kind, name, store=store)
+    assert key == expected + store_slug(store)
     assert re.fullmatch(r"[a-z0-9-]+", key)
+    assert re.fullmatch(r"screen-a-results-run-[0-9a-f]{8}", store_slug(store))
+
+
+def test_artifact_keys_tell_stores_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same modality, stores of the same name in two folders: two keys (Prefect shows the
+    latest artifact of a key as its latest, whichever run wrote it)."""
+    first, second = tmp_path / "a" / "results" / "run.zarr", tmp_path / "b" / "results" / "run.zarr"
+    assert artifact_key("report", "gene", store=first) != artifact_key(
+        "report", "gene", store=second
+    )
+    # the same store, however it is given: a path, its text, relative, or the open group
+    group = zarr.open_group(str(first), mode="w")
+    monkeypatch.chdir(tmp_path)
+    keys = {
+        artifact_key("report", "gene", store=store)
+        for store in (first, str(first), Path("a/results/run.zarr"), group)
+    }
+    assert len(keys) == 1
+    long = tmp_path / ("x" * 80) / "run.zarr"
+    assert len(store_slug(long)) <= 24 + 1 + 8  # readable tail, dash, hash
