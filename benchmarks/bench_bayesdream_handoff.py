@@ -16,7 +16,7 @@ says it is skipped and exits 0.
    one with a single category in the NTC cells).
    `baseline_group: K562`, which sorts second: the export must reorder the groups to
    bayesDREAM's sorted order and re-reference them to HEL.
-2. Our flow (`flows.technical_fit`) on it; the export (`tasks.export_bayesdream`).
+2. Our flow (`flows.technical_fit`) on it; the export (`tasks.results.export_bayesdream`).
 3. The reference model on the same counts and cells (`adt` and `m3` through
    `add_custom_modality`), `set_technical_groups(["cell_line"])`,
    `load_technical_fit(input_dir=DIR)`.
@@ -139,7 +139,7 @@ def expected_draws(group, prefix: str, labels: tuple[list[str], list[str]], mult
 
 def check_modality(root, model, out: Path, name: str, ref_labels: list[str]) -> None:
     """Loaded alpha_y_prefit of `name` against the store, printed."""
-    from tasks.export_bayesdream import features_file
+    from tasks.results.export_bayesdream import features_file
     from tasks.store import read_strings, results_key
 
     mod = model.modalities[name]
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     import zarr
 
     from flows.technical_fit import technical_fit
-    from tasks.export_bayesdream import export_bayesdream
+    from tasks.results.export_bayesdream import export_bayesdream
     from tasks.store import CIS_KEY, read_strings
 
     config = write_screen(folder, niters=args.niters_ours, nsamples=args.nsamples)

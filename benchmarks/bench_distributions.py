@@ -9,7 +9,7 @@ groups), it reports
     progress callback: median over `--steps` steps after `--warmup` untimed ones. Next to
     it, the same fit with a DENSE per-cell likelihood: the family's `observe` replaced by
     `pyro.factor("y", dense_log_likelihood_<name>(params, data).sum())` from
-    `benchmarks/baselines.py`, and its `tensors` by `FitTensors.from_arrays` (the raw
+    `bayesdream_model/dense_likelihoods.py`, and its `tensors` by `FitTensors.from_arrays` (the raw
     cells x features data), so that priors, guide, initial values, ELBO and optimiser are
     identical and only the likelihood differs. Ratio = dense / ours.
 (b) a DEFAULT run end to end through the real Prefect flow
@@ -80,7 +80,7 @@ PEERS = {"glmgampoi": "glmGamPoi", "deseq2": "PyDESeq2"}
 # ---------------------------------------------------------------------------------------
 # Machine, load, memory and stage-timing helpers
 # ---------------------------------------------------------------------------------------
-SOURCE_DIRS = ("bayesdream_model", "tasks", "flows", "benchmarks/baselines.py")
+SOURCE_DIRS = ("bayesdream_model", "tasks", "flows", "bayesdream_model/dense_likelihoods.py")
 
 
 def git_state() -> dict[str, Any]:

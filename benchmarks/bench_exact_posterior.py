@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bayesdream_model.data import FitArrays  # noqa: E402
 from bayesdream_model.distributions import PriorOptions, get_family  # noqa: E402
-from bayesdream_model.distributions.mixture_prior import baseline_mean_prior  # noqa: E402
+from bayesdream_model.distributions.nb.mixture_prior import baseline_mean_prior  # noqa: E402
 from bayesdream_model.fit import FitOptions, fit_technical  # noqa: E402
 from bayesdream_model.memory import SamplingPlan  # noqa: E402
 from bayesdream_model.posterior import posterior_batches  # noqa: E402

@@ -55,9 +55,9 @@ def set_threads(requested: int | None) -> int:
 
 def use_dense_likelihood(family, name: str) -> str:
     """Swap the family's likelihood for the dense per-cell baseline; returns its name."""
-    import baselines
     import pyro
 
+    import bayesdream_model.dense_likelihoods as baselines
     from bayesdream_model.constants import OBS_SITE
     from bayesdream_model.data import FitTensors
 

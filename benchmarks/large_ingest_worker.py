@@ -91,10 +91,10 @@ def worker(args: argparse.Namespace) -> None:
     t_import = time.perf_counter()
     # Import what the stage needs before measuring (as a flow process has them imported).
     from tasks.config import RunConfig  # noqa: F401
+    from tasks.filter.flags import filter_features
     from tasks.fingerprint import fingerprints
     from tasks.groups import assign_groups_in_store, read_groups
     from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
-    from tasks.prepare import filter_features
     from tasks.store import open_root
 
     workdir = Path(args.workdir)
@@ -165,8 +165,8 @@ def model_stage(args: argparse.Namespace, cfg, steps: Steps, log) -> dict[str, A
     """`fit` (a capped number of SVI steps; cells streamed when they do not fit the
     memory the worker is given) or `sample` (all draws into the store)."""
     from tasks.config import FitConfig
-    from tasks.fitting import fit_modality
-    from tasks.sampling import SampleRequest, sample_modality
+    from tasks.fit.fitting import fit_modality
+    from tasks.sample.sampling import SampleRequest, sample_modality
     from tasks.store import fit_key, open_root
 
     root = open_root(cfg.store)

@@ -16,8 +16,8 @@ import torch
 from bayesdream_model.constants import LOG_EPS
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions.effects import with_baseline
+from bayesdream_model.distributions.nb.value_histogram import _value_histogram
 from bayesdream_model.distributions.negbinom import EFFECT_SITE
-from bayesdream_model.distributions.value_histogram import _value_histogram
 
 
 def fused_statistics(data: FitArrays, device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -182,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "deploy":
         return deploy(args.prefect_file, args.names)
     if args.command == "summary":
-        from tasks.summary import summarize
+        from tasks.results.summary import summarize
 
         table = summarize(str(args.store), args.modality)
         if args.out is None:
@@ -219,7 +219,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     """`export --out FILE` (one modality's summaries) or `export --to bayesdream DIR`."""
     if args.to is not None:
-        from tasks.export_bayesdream import TARGET, export_bayesdream
+        from tasks.results.export_bayesdream import TARGET, export_bayesdream
 
         if args.to[0] != TARGET or args.format is not None:
             raise PipelineError(
@@ -228,7 +228,7 @@ def _export(args: argparse.Namespace) -> int:
             )
         export_bayesdream(str(args.store), Path(args.to[1]), modalities=args.modality)
         return 0
-    from tasks.export import export_effects
+    from tasks.results.export import export_effects
 
     if len(args.modality or []) != 1:
         raise PipelineError(

@@ -11,7 +11,7 @@ process per chain.
 
 What a Prefect user sees: a flow run named after its store (`run_name`), task runs named
 after their modality (`fit-gene`), the model's and the tasks' own log lines in the run's
-logs (`tasks.run_logging`), and a run refused because another run holds the store ending
+logs (`tasks.orchestration.run_logging`), and a run refused because another run holds the store ending
 Cancelled, with one message naming that run (its flow run's name and id, pid and host).
 """
 
@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
 from tasks.lock import StoreLockedError, store_lock
-from tasks.run_logging import send_library_logs
+from tasks.orchestration.run_logging import send_library_logs
 from tasks.steps import (
     assign_groups,
     create_store,
@@ -138,7 +138,7 @@ def with_dask(address: str, *, n_workers: int = 2) -> Flow:
     PREFECT_API_URL unset, each would start a temporary server of its own (slow; the task
     runs land in separate databases). Remote workers also need this project installed and
     the store (and input files) at the same paths. The filter statistics then run on the
-    cluster too (`tasks.distributed`).
+    cluster too (`tasks.filter.distributed`).
     """
     try:
         from prefect_dask import DaskTaskRunner

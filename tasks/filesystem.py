@@ -2,7 +2,7 @@
 the file-system faults met while writing (disk full, quota, read-only, permission) told
 as one message that names the store and what the run needs.
 
-The result arrays are preallocated at their full size (`tasks.sampling`), so the space
+The result arrays are preallocated at their full size (`tasks.sample.sampling`), so the space
 they take is known before the fit starts: float32 draws, [S] to [S, C, T, K] per output,
 counted here before compression (random draws barely compress). A run whose results do
 not fit the free space is refused in pre-flight, before it writes anything.
@@ -24,7 +24,7 @@ import zarr
 from bayesdream_model.distributions import get_family
 from tasks.errors import InsufficientSpaceError, StoreWriteError
 from tasks.groups import read_groups
-from tasks.sampling import _shape as output_shape
+from tasks.sample.sampling import _shape as output_shape
 from tasks.store import inputs_key, is_complete, results_key
 
 FLOAT32 = 4  # bytes of a result entry

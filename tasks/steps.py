@@ -11,18 +11,23 @@ from typing import Any
 import zarr
 from prefect import get_run_logger, task
 
-from tasks import provenance
-from tasks.artifacts import Progress, artifact_key, publish_exclusions, publish_reports
 from tasks.config import RunConfig, apply_override, config_from_dict, load_config
+from tasks.filter.flags import filter_features, read_flags
 from tasks.fingerprint import Fingerprints
-from tasks.fitting import fit_modality
+from tasks.fit.fitting import fit_modality
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import ingest_modality, read_cells_table, write_cells
 from tasks.ingest.matrix import ModalityPlan
-from tasks.preflight import check_run
-from tasks.prepare import filter_features, read_flags
-from tasks.run_logging import send_library_logs
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.ingest.preflight import check_run
+from tasks.orchestration import provenance
+from tasks.orchestration.artifacts import (
+    Progress,
+    artifact_key,
+    publish_exclusions,
+    publish_reports,
+)
+from tasks.orchestration.run_logging import send_library_logs
+from tasks.sample.sampling import SampleRequest, sample_modality
 from tasks.store import (
     CELLS,
     CIS_KEY,

@@ -10,10 +10,10 @@ import yaml
 import zarr
 
 from tasks.config import RunConfig, load_config
-from tasks.fitting import fit_modality
+from tasks.filter.flags import filter_features
+from tasks.fit.fitting import fit_modality
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
-from tasks.prepare import filter_features
 from tasks.store import open_root
 
 

@@ -24,26 +24,26 @@ from bayesdream_model.distributions.base import (
     OutputSpec,
     PriorOptions,
 )
-from bayesdream_model.distributions.baseline_prior import empirical_inputs, learned_mixture
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
-from bayesdream_model.distributions.lgamma_segments import SegmentedLgamma
-from bayesdream_model.distributions.log1p_table import POWERS, GroupLog1p, log1p_table
-from bayesdream_model.distributions.mixture_prior import baseline_mean_prior
-from bayesdream_model.distributions.nb_baseline_draws import (
+from bayesdream_model.distributions.nb.baseline_prior import empirical_inputs, learned_mixture
+from bayesdream_model.distributions.nb.lgamma_segments import SegmentedLgamma
+from bayesdream_model.distributions.nb.log1p_table import POWERS, GroupLog1p, log1p_table
+from bayesdream_model.distributions.nb.mixture_prior import baseline_mean_prior
+from bayesdream_model.distributions.nb.nb_baseline_draws import (
     baseline_entries,
     baseline_flags,
     baseline_refinement,
     joined_entries,
     refined_draws,
 )
-from bayesdream_model.distributions.nb_moments import moment_start
-from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
-from bayesdream_model.distributions.value_histogram import (
+from bayesdream_model.distributions.nb.nb_moments import moment_start
+from bayesdream_model.distributions.nb.shifted_lgamma import shifted_lgamma_sum
+from bayesdream_model.distributions.nb.value_histogram import (
     SMALL_VALUES,
     joined_pairs,
     value_histograms,
 )
-from bayesdream_model.distributions.weighted_log1p import WeightedLog1p, weighted_log1p_table
+from bayesdream_model.distributions.nb.weighted_log1p import WeightedLog1p, weighted_log1p_table
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
 from bayesdream_model.sparse import SparseCounts, as_sparse, block_width

@@ -33,7 +33,7 @@ from tasks.anndata_files import (
 )
 from tasks.errors import InputDataError
 from tasks.ingest import csr_transpose
-from tasks.ingest.readers import MatrixReader
+from tasks.ingest.reader_base import MatrixReader
 
 logger = logging.getLogger(__name__)
 

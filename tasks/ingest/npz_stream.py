@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from numpy.lib import format as npformat
 
 from tasks.errors import InputDataError
-from tasks.ingest.readers import MatrixReader
+from tasks.ingest.reader_base import MatrixReader
 
 
 class _Stream:

@@ -25,6 +25,9 @@ import scipy.sparse as sp
 
 from tasks.anndata_files import is_anndata_path
 from tasks.errors import InputDataError
+from tasks.ingest.anndata_readers import open_anndata_matrix
+from tasks.ingest.npz_stream import StreamingCSRReader, is_streamable
+from tasks.ingest.reader_base import MatrixReader
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +37,6 @@ SUPPORTED = (
     ".csv, .tsv, .txt (optionally .gz), .npz, .npy, a 10x mtx folder, or AnnData/MuData "
     "(.h5ad, .h5mu, .zarr)"
 )
-
-
-class MatrixReader:
-    """Base reader: names, shape and block iteration over feature rows."""
-
-    path: Path
-    feature_names: np.ndarray
-    cell_ids: np.ndarray
-    shape: tuple[int, ...]
-
-    def iter_feature_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield `(start, dense float32 block [rows, N(, K)])` over all features."""
-        if block_rows <= 0:
-            raise ValueError(f"block_rows must be positive, got {block_rows}")
-        for start in range(0, self.shape[0], block_rows):
-            stop = min(start + block_rows, self.shape[0])
-            yield start, self._rows(start, stop)
-
-    def _rows(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
 
 
 class ArrayReader(MatrixReader):
@@ -148,8 +131,6 @@ def open_matrix(
         raise InputDataError(f"Matrix '{path}' does not exist.")
     suffix = plain_suffix(path)
     if is_anndata_path(path):
-        from tasks.ingest.anndata_readers import open_anndata_matrix
-
         return open_anndata_matrix(path, modality=modality, layer=layer)
     if path.is_dir():
         return _open_mtx_folder(path)
@@ -188,8 +169,6 @@ def _open_unnamed(path: Path, *, features: NameSource, cells: NameSource) -> Arr
     feature_names, feature_source = _names(features)
     cell_ids, cell_source = _names(cells)
     if path.suffix.lower() == ".npz":
-        from tasks.ingest.npz_stream import StreamingCSRReader, is_streamable
-
         if is_streamable(path):  # CSR: streamed block by block, never loaded whole
             reader = StreamingCSRReader(path, feature_names=feature_names, cell_ids=cell_ids)
             return _checked(reader, feature_source=feature_source, cell_source=cell_source)

@@ -50,8 +50,8 @@ from prefect.client.schemas.objects import FlowRun, Log
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import PROJECT_ROOT
-from tasks.artifacts import artifact_key
 from tasks.demo import write_demo_inputs
+from tasks.orchestration.artifacts import artifact_key
 from tasks.store import COMPLETE, results_key
 
 #: the end-to-end tier: a real Prefect server and process worker

@@ -29,8 +29,8 @@ import zarr
 from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
 from tasks.errors import PipelineError, StoreError
+from tasks.ingest.preflight import check_run
 from tasks.lock import lock_path, store_lock
-from tasks.preflight import check_run
 from tasks.steps import resolve_config
 from tasks.store import COMPLETE
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import zarr
 
-import tasks.fitting
-import tasks.sampling
+import tasks.fit.fitting
+import tasks.sample.sampling
 import tasks.steps
 from flows.technical_fit import technical_fit
-from tasks.artifacts import artifact_key
 from tasks.demo import write_demo_inputs
-from tasks.report import write_report
+from tasks.orchestration.artifacts import artifact_key
+from tasks.results.report import write_report
 from tasks.store import CIS_KEY, COMPLETE, GROUPS, fit_key, read_strings, results_key
 
 BASELINE = ["baseline_group=TF1"]
@@ -103,8 +103,8 @@ def test_an_unchanged_baseline_group_skips_every_step(
 ) -> None:
     for name in ("assign_groups_in_store", "filter_features", "fit_modality", "sample_modality"):
         monkeypatch.setattr(tasks.steps, name, _refuse(name))
-    monkeypatch.setattr(tasks.fitting, "fit_technical", _refuse("SVI"))
-    monkeypatch.setattr(tasks.sampling, "draw_range", _refuse("posterior sampling"))
+    monkeypatch.setattr(tasks.fit.fitting, "fit_technical", _refuse("SVI"))
+    monkeypatch.setattr(tasks.sample.sampling, "draw_range", _refuse("posterior sampling"))
     technical_fit(str(config), BASELINE)
     assert _root(config).attrs[COMPLETE] is True
 

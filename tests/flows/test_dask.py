@@ -28,9 +28,10 @@ from bayesdream_model.distributions import FilterFlags, get_family
 from flows.cli import main
 from flows.technical_fit import with_dask
 from tasks.demo import write_demo_inputs
-from tasks.distributed import _feature_blocks, dask_flags
+from tasks.filter.distributed import _feature_blocks, dask_flags
+from tasks.filter.flags import filter_features, read_flags
 from tasks.groups import GroupAssignment, assign_groups, read_groups
-from tasks.prepare import filter_features, read_fit_arrays, read_flags
+from tasks.selection import read_fit_arrays
 from tasks.store import (
     CELLS,
     COMPLETE,

@@ -202,14 +202,14 @@ def test_a_full_disk_outside_a_run_is_one_message_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`summary --out` (or any command) on a full disk: the file named, no traceback."""
-    import tasks.summary
+    import tasks.results.summary
 
     out = tmp_path / "effects.csv"
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
 
-    monkeypatch.setattr(tasks.summary, "summarize", full)
+    monkeypatch.setattr(tasks.results.summary, "summarize", full)
     with caplog.at_level(logging.ERROR, logger="bayesdream"):
         status = main(
             ["summary", str(tmp_path / "run.zarr"), "--modality", "gene", "--out", str(out)]

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import zarr
 
-import tasks.fitting
-import tasks.sampling
+import tasks.fit.fitting
+import tasks.sample.sampling
 import tasks.steps
 from flows.technical_fit import technical_fit
 from tasks.demo import write_demo_inputs
@@ -137,8 +137,8 @@ def test_unchanged_rerun_skips_every_step(
 ) -> None:
     store = _store(config)
     before = _snapshot(store)
-    monkeypatch.setattr(tasks.fitting, "fit_technical", _refuse("SVI"))
-    monkeypatch.setattr(tasks.sampling, "draw_range", _refuse("posterior sampling"))
+    monkeypatch.setattr(tasks.fit.fitting, "fit_technical", _refuse("SVI"))
+    monkeypatch.setattr(tasks.sample.sampling, "draw_range", _refuse("posterior sampling"))
 
     technical_fit(str(config))
 
@@ -202,7 +202,7 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(
     if edit is not None:
         edit(config)
     if "fit" not in rerun:
-        monkeypatch.setattr(tasks.fitting, "fit_technical", _refuse("SVI"))
+        monkeypatch.setattr(tasks.fit.fitting, "fit_technical", _refuse("SVI"))
 
     technical_fit(str(config), overrides)
 

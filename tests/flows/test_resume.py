@@ -17,17 +17,17 @@ import pytest
 import zarr
 
 import tasks.fingerprint
-import tasks.fitting
-import tasks.sampling
+import tasks.fit.fitting
+import tasks.sample.sampling
 from flows.technical_fit import technical_fit
-from tasks.checkpoint import decode_state
 from tasks.demo import write_demo_inputs
+from tasks.fit.checkpoint import decode_state
 from tasks.store import CIS_KEY, COMPLETE, fit_key, results_key
 
 #: the end-to-end tier: runs killed in child processes and resumed
 pytestmark = pytest.mark.slow
 
-CHECKPOINT = f"{fit_key('gene')}/{tasks.fitting.CHECKPOINT}"
+CHECKPOINT = f"{fit_key('gene')}/{tasks.fit.fitting.CHECKPOINT}"
 # SVI that never stops early (|a*(loss-ewma)| < 0 never holds) and checkpoints every
 # half second: the child is killed right after its first checkpoint, half a second before
 # its next one, so the kill does not land in a checkpoint write.
@@ -136,7 +136,7 @@ def messages() -> Iterator[list[str]]:
     handler = _Messages()
     loggers = [
         logging.getLogger(n)
-        for n in ("prefect.task_runs", "bayesdream_model.inference", "tasks.fitting")
+        for n in ("prefect.task_runs", "bayesdream_model.inference", "tasks.fit.fitting")
     ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -167,7 +167,7 @@ def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
     root = zarr.open_group(str(store), mode="r")
     fit = root[fit_key("gene")]
     assert COMPLETE not in fit.attrs and "loss" not in fit
-    state = decode_state(fit[tasks.fitting.CHECKPOINT][...].tobytes())
+    state = decode_state(fit[tasks.fit.fitting.CHECKPOINT][...].tobytes())
     steps_done = len(state["losses"])
     assert 0 < steps_done < 250
 
@@ -176,7 +176,9 @@ def test_fit_killed_mid_svi_resumes_from_its_checkpoint(
     assert "Modality 'gene': resuming the fit from its checkpoint" in messages
     assert f"SVI resumed at step {steps_done} of 250" in messages
     assert any("ingestion skipped" in m for m in messages)
-    assert tasks.fitting.CHECKPOINT not in zarr.open_group(str(store / fit_key("gene")), mode="r")
+    assert tasks.fit.fitting.CHECKPOINT not in zarr.open_group(
+        str(store / fit_key("gene")), mode="r"
+    )
 
     reference = _uninterrupted(demo, svi, tmp_path / "uninterrupted.zarr")
     # SVI on the CPU with one thread is deterministic, and the checkpoint holds the whole
@@ -198,13 +200,13 @@ def _killed_after_a_checkpoint(demo: Path, store: Path, monkeypatch: pytest.Monk
     """A short fit of `demo` into `store` that dies right after its first checkpoint;
     returns the overrides of that run."""
     overrides = _with_store(SHORT, store)
-    save = tasks.fitting._save_checkpoint
+    save = tasks.fit.fitting._save_checkpoint
 
     def save_then_die(group: zarr.Group, state: dict) -> None:
         save(group, state)
         raise RuntimeError("killed after a checkpoint")
 
-    monkeypatch.setattr(tasks.fitting, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(tasks.fit.fitting, "_save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after a checkpoint"):
         technical_fit(str(demo), overrides)
     monkeypatch.undo()
@@ -219,7 +221,7 @@ def test_unreadable_checkpoint_restarts_the_fit(
     store = tmp_path / "crashed.zarr"
     overrides = _killed_after_a_checkpoint(demo, store, monkeypatch)
     group = zarr.open_group(str(store / fit_key("gene")), mode="a")
-    group.create_array(tasks.fitting.CHECKPOINT, shape=(64,), dtype="uint8", overwrite=True)
+    group.create_array(tasks.fit.fitting.CHECKPOINT, shape=(64,), dtype="uint8", overwrite=True)
 
     technical_fit(str(demo), overrides)
     assert "Modality 'gene': resuming the fit from its checkpoint" not in messages
@@ -253,7 +255,7 @@ def test_planted_pickle_in_a_checkpoint_is_never_run(
     planted = np.frombuffer(pickle.dumps({"losses": [], "evil": _Payload(marker)}), np.uint8)
     group = zarr.open_group(str(store / fit_key("gene")), mode="a")
     group.create_array(
-        tasks.fitting.CHECKPOINT, shape=planted.shape, dtype="uint8", overwrite=True
+        tasks.fit.fitting.CHECKPOINT, shape=planted.shape, dtype="uint8", overwrite=True
     )[...] = planted
 
     technical_fit(str(demo), overrides)
@@ -284,7 +286,7 @@ def test_sampling_killed_mid_way_resumes_without_redrawing(
 
     # the rerun skips the fit, keeps the written batches and draws only the missing ones
     drawn: list[int] = []
-    draw_range = tasks.sampling.draw_range
+    draw_range = tasks.sample.sampling.draw_range
 
     def counting_draw_range(fitted, start: int, stop: int, **kwargs):
         drawn.append(start)
@@ -293,8 +295,8 @@ def test_sampling_killed_mid_way_resumes_without_redrawing(
     def no_fit(*args, **kwargs):
         raise AssertionError("the fit was complete: it must not run again")
 
-    monkeypatch.setattr(tasks.sampling, "draw_range", counting_draw_range)
-    monkeypatch.setattr(tasks.fitting, "fit_technical", no_fit)
+    monkeypatch.setattr(tasks.sample.sampling, "draw_range", counting_draw_range)
+    monkeypatch.setattr(tasks.fit.fitting, "fit_technical", no_fit)
     technical_fit(str(demo), _with_store(SAMPLING, store))
     monkeypatch.undo()
     assert sorted(drawn) == sorted(set(range(SAMPLING_DRAWS)) - set(done))

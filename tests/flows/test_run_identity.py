@@ -29,9 +29,9 @@ from prefect.client.schemas.objects import FlowRun, Log
 from prefect.runtime import flow_run
 
 from flows.technical_fit import run_name, technical_fit
-from tasks.artifacts import artifact_key
 from tasks.demo import write_demo_inputs
 from tasks.lock import Holder, StoreLockedError, lock_path, read_holder, store_lock
+from tasks.orchestration.artifacts import artifact_key
 
 HOLDER_NAME = "the-run-holding-the-lock"
 PROJECT = Path(__file__).resolve().parents[2]

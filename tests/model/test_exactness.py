@@ -2,7 +2,7 @@
 
 The families compute their likelihood the fast way (per-group sufficient statistics,
 cells sorted by group, value histograms, a fused negbinom pass with its own backward).
-`benchmarks/baselines.py` holds the slow, obvious version of each: one [N, T] tensor of
+`bayesdream_model/dense_likelihoods.py` holds the slow, obvious version of each: one [N, T] tensor of
 per-cell terms from torch / pyro distributions. Here, on random data with the awkward
 cases planted (zeros, all-zero features, NaN/Inf missing values, n = 0 cells, masked and
 fully masked categories), for C = 1, 2, 3 and several seeds:
@@ -41,36 +41,17 @@ float32 resolution in tests/model/test_negbinom_terms.py.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from pyro import poutine
 
+import bayesdream_model.dense_likelihoods as baselines
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.distributions.multinomial import category_mask
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
-
-BASELINES_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines.py"
-
-
-def _load_baselines():
-    """benchmarks/ is not a package: load baselines.py by its path (once)."""
-    name = "benchmarks_baselines"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BASELINES_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-baselines = _load_baselines()
 
 N_CELLS, N_FEATURES, N_CATEGORIES = 150, 9, 4
 RTOL = 1e-5

@@ -24,7 +24,7 @@ from bayesdream_model.inference import (
     ewma_converged,
 )
 from bayesdream_model.recovery import DivergenceError
-from tasks.checkpoint import decode_state, encode_state
+from tasks.fit.checkpoint import decode_state, encode_state
 
 from ._support import GUIDES, fit_negbinom, negbinom_guide_choice
 

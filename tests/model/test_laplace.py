@@ -39,7 +39,7 @@ from bayesdream_model.laplace import LaplaceSettings, laplace_start
 from bayesdream_model.model import TechnicalModel
 from bayesdream_model.simulate import simulate_continuous
 from bayesdream_model.streaming import CellStream, InMemoryCells
-from tasks.checkpoint import decode_state, encode_state
+from tasks.fit.checkpoint import decode_state, encode_state
 
 N_CELLS, N_FEATURES, N_GROUPS = 600, 6, 3
 LOC_SDS = 0.05

@@ -15,7 +15,8 @@ from factories import counts_matrix
 from pyro import poutine
 
 from bayesdream_model.data import FitArrays
-from bayesdream_model.distributions import get_family, value_histogram
+from bayesdream_model.distributions import get_family
+from bayesdream_model.distributions.nb import value_histogram
 from bayesdream_model.plates import Plates
 
 LOG_EPS = 1e-8

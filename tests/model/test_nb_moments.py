@@ -16,7 +16,7 @@ import torch
 
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
-from bayesdream_model.distributions.nb_moments import O_FLOOR_FRACTION, squares_per_feature
+from bayesdream_model.distributions.nb.nb_moments import O_FLOOR_FRACTION, squares_per_feature
 from bayesdream_model.guides import build_guide
 from bayesdream_model.laplace import LaplaceSettings, laplace_start
 from bayesdream_model.model import TechnicalModel

@@ -5,7 +5,7 @@ reads every cell is a per-group function of one number, tabulated once
 (`log1p_table`), and so, per (group, feature), is the part that reads the non-zero counts
 (`weighted_log1p`).
 Here, each piece against its direct float64 sum, and the whole against the dense per-cell
-baseline of `benchmarks/baselines.py` (float64), on data drawn from the model in the
+baseline of `bayesdream_model/dense_likelihoods.py` (float64), on data drawn from the model in the
 regimes where a split could lose accuracy: tiny means (the power-series branch and the
 y log(mu + 1e-8) series), huge means and tiny phi (a = sf x >> 1: the asymptotic branch;
 the gradient's information sits in Σ y / (1 + a)), phi near the Poisson limit (1e5: the
@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 import torch
 
-import bayesdream_model.distributions.weighted_log1p as weighted_log1p
+import bayesdream_model.distributions.nb.weighted_log1p as weighted_log1p
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
-from bayesdream_model.distributions.lgamma_segments import SEGMENT_WIDTH, SegmentedLgamma
-from bayesdream_model.distributions.log1p_table import evaluate, log1p_table
+from bayesdream_model.distributions.nb.lgamma_segments import SEGMENT_WIDTH, SegmentedLgamma
+from bayesdream_model.distributions.nb.log1p_table import evaluate, log1p_table
+from bayesdream_model.distributions.nb.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.distributions.negbinom import nb_log_likelihood, nb_statistics
-from bayesdream_model.distributions.shifted_lgamma import shifted_lgamma_sum
 from bayesdream_model.sparse import SparseCounts
 from bayesdream_model.streaming import InMemoryCells, merged_tensors
 

@@ -19,7 +19,7 @@ import torch
 
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import PriorOptions, get_family
-from bayesdream_model.distributions.baseline_prior import (
+from bayesdream_model.distributions.nb.baseline_prior import (
     CENTRES,
     SLAB_WEIGHT,
     WIDTH,
@@ -27,8 +27,8 @@ from bayesdream_model.distributions.baseline_prior import (
     log_density_table,
     slab_log_density,
 )
-from bayesdream_model.distributions.mixture_prior import BaselineMixture
-from bayesdream_model.distributions.nb_baseline_draws import (
+from bayesdream_model.distributions.nb.mixture_prior import BaselineMixture
+from bayesdream_model.distributions.nb.nb_baseline_draws import (
     FEW_COUNTS,
     baseline_log_likelihood,
     draw_u,

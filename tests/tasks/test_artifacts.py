@@ -18,7 +18,8 @@ import zarr
 # Set before Prefect's settings are read: no telemetry ("database is locked" tracebacks).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tasks.artifacts import (  # noqa: E402
+from tasks.demo import write_demo_inputs  # noqa: E402
+from tasks.orchestration.artifacts import (  # noqa: E402
     Progress,
     artifact_key,
     in_run,
@@ -26,8 +27,7 @@ from tasks.artifacts import (  # noqa: E402
     publish_reports,
     store_slug,
 )
-from tasks.demo import write_demo_inputs  # noqa: E402
-from tasks.report import reports_folder  # noqa: E402
+from tasks.results.report import reports_folder  # noqa: E402
 
 MODALITY = "gene"  # the demo's one modality
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -169,7 +169,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     import prefect.artifacts
 
     recorder = _Recorder()
-    monkeypatch.setattr("tasks.artifacts.in_run", lambda: True)
+    monkeypatch.setattr("tasks.orchestration.artifacts.in_run", lambda: True)
     monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", recorder.create)
     monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", recorder.update)
     return recorder

@@ -1,4 +1,4 @@
-"""The one warning about the baseline group, after a fit (`tasks.fitting`)."""
+"""The one warning about the baseline group, after a fit (`tasks.fit.fitting`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tasks.fitting import _warn_of_baseline
+from tasks.fit.fitting import _warn_of_baseline
 from tasks.groups import GroupAssignment
 
 LOG = logging.getLogger("test_baseline_warning")

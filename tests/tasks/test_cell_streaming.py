@@ -16,16 +16,17 @@ import pytest
 import zarr
 from stores import filtered_store, npy_store
 
-import tasks.fitting
+import tasks.fit.fitting
 import tasks.ingest.matrix
 from bayesdream_model.memory import STREAM_BUFFERS, MemoryBudget, plan_fit
-from tasks.cell_source import StoreCells, chunk_batches
 from tasks.config import load_config
 from tasks.demo import write_demo_inputs
-from tasks.fitting import fit_modality
+from tasks.filter.flags import read_flags
+from tasks.fit.cell_source import StoreCells, chunk_batches
+from tasks.fit.fitting import fit_modality
 from tasks.groups import read_groups
-from tasks.prepare import fit_cell_index, read_fit_arrays, read_flags
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.sample.sampling import SampleRequest, sample_modality
+from tasks.selection import fit_cell_index, read_fit_arrays
 from tasks.store import COMPLETE, fit_key, results_key
 
 CHUNK = 16
@@ -149,6 +150,6 @@ def test_auto_streams_when_the_budget_is_too_small(
     n_cells = len(fit_cell_index(root, "gene", read_groups(root)))
     n_features = int(read_flags(root, "gene").technical_correction_applied.sum())
     budget = STREAM_BUFFERS * 10 * n_features * 12  # batches of 10 cells, 12 B an entry
-    monkeypatch.setattr(tasks.fitting, "sampling_budget", lambda device: _budget(budget))
+    monkeypatch.setattr(tasks.fit.fitting, "sampling_budget", lambda device: _budget(budget))
     assert fit_modality(root, "gene", cfg.fit)["cells_streamed"]
     assert root[fit_key("gene")].attrs["cell_batches"] == -(-n_cells // 10)  # one chunk

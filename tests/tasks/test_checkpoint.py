@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayesdream_model.optim import Adam, OneCycle
-from tasks.checkpoint import MAGIC, CheckpointError, decode_state, encode_state
+from tasks.fit.checkpoint import MAGIC, CheckpointError, decode_state, encode_state
 
 
 def _loop_like_state() -> dict:

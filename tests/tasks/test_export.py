@@ -14,12 +14,12 @@ from stores import npy_store
 
 from flows.cli import main
 from tasks.config import load_config
-from tasks.fitting import fit_modality
+from tasks.filter.flags import filter_features
+from tasks.fit.fitting import fit_modality
 from tasks.groups import FIRST_SORTED, NAMED, assign_groups_in_store, read_groups
-from tasks.prepare import filter_features
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.results.summary import summarize
+from tasks.sample.sampling import SampleRequest, sample_modality
 from tasks.store import results_key
-from tasks.summary import summarize
 
 VARM = ("alpha_mean", "alpha_sd", "alpha_q05", "alpha_q95")
 

@@ -19,7 +19,11 @@ from stores import matrix_values
 from flows.cli import main
 from tasks.config import load_config
 from tasks.errors import PipelineError, StoreError
-from tasks.export_bayesdream import (
+from tasks.filter.flags import filter_features
+from tasks.fit.fitting import fit_modality
+from tasks.groups import assign_groups_in_store, read_groups
+from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
+from tasks.results.export_bayesdream import (
     ALPHA_X_FILE,
     COMPARED,
     alpha_y_file,
@@ -27,11 +31,7 @@ from tasks.export_bayesdream import (
     features_file,
     reference_order,
 )
-from tasks.fitting import fit_modality
-from tasks.groups import assign_groups_in_store, read_groups
-from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
-from tasks.prepare import filter_features
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.sample.sampling import SampleRequest, sample_modality
 from tasks.store import CIS_KEY, COMPLETE, open_root, results_key
 
 S, N_CELLS, N_NTC = 17, 90, 72

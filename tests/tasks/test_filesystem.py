@@ -22,7 +22,7 @@ from tasks.filesystem import (
     store_faults,
 )
 from tasks.groups import read_groups
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.sample.sampling import SampleRequest, sample_modality
 from tasks.store import inputs_key, results_key
 
 Usage = namedtuple("Usage", "total used free")

@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 from stores import npy_store
 
-from tasks.sampling import SampleRequest, sample_modality
+from tasks.sample.sampling import SampleRequest, sample_modality
 from tasks.store import CIS_KEY, read_strings, results_key
 
 NSAMPLES = 17  # tests/stores.py fits with this many draws in its config

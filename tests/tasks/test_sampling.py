@@ -11,17 +11,17 @@ from stores import npy_store
 
 from bayesdream_model.distributions import get_family, is_3d
 from bayesdream_model.memory import MemoryBudget, bytes_per_sample
-from tasks import sampling
 from tasks.config import load_config
 from tasks.demo import write_demo_inputs
 from tasks.errors import StoreError
-from tasks.fitting import INPUT_ORDER, fit_modality, load_fitted
+from tasks.filter.flags import filter_features
+from tasks.fit.fitting import INPUT_ORDER, fit_modality, load_fitted
 from tasks.groups import assign_groups_in_store, read_groups
 from tasks.ingest import check_modality, ingest_modality, read_cells_table, write_cells
-from tasks.prepare import filter_features
-from tasks.sampling import SampleRequest, feature_layout, sample_modality
+from tasks.results.summary import summarize
+from tasks.sample import sampling
+from tasks.sample.sampling import SampleRequest, feature_layout, sample_modality
 from tasks.store import CIS_KEY, COMPLETE, data_arrays, open_root, read_strings, results_key
-from tasks.summary import summarize
 
 N_CELLS, N_FEATURES, N_GROUPS = 120, 12, 3
 NSAMPLES = 40

@@ -15,14 +15,17 @@ import pytest
 import stores
 from stores import npy_store
 
-import tasks.fitting
-import tasks.prepare
+import tasks.fit.data
+import tasks.fit.fitting
+import tasks.selection
 from bayesdream_model.memory import MemoryBudget, plan_fit, sparse_bytes
 from bayesdream_model.sparse import SparseCounts
 from tasks.config import load_config
-from tasks.fitting import fit_modality
+from tasks.filter.flags import read_flags
+from tasks.fit.data import read_sparse_fit_arrays
+from tasks.fit.fitting import fit_modality
 from tasks.groups import read_groups
-from tasks.prepare import read_fit_arrays, read_flags, read_sparse_fit_arrays
+from tasks.selection import read_fit_arrays
 from tasks.store import fit_key
 
 GB = 10**9
@@ -62,7 +65,8 @@ def sparse_counts(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sparse_read_equals_the_dense_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_counts: None, block: int
 ) -> None:
-    monkeypatch.setattr(tasks.prepare, "FEATURE_CHUNK", block)
+    monkeypatch.setattr(tasks.selection, "FEATURE_CHUNK", block)
+    monkeypatch.setattr(tasks.fit.data, "FEATURE_CHUNK", block)
     root, _ = npy_store(tmp_path, "negbinom", 3)
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
@@ -97,10 +101,12 @@ def test_fit_step_holds_negbinom_sparse_and_streams_only_what_does_not_fit(
     cases = [(held, False, True), (held - 1, dense > held - 1, False)]
     cases.append((min(held, dense) - 1, True, False))
     for budget, streamed, sparse in cases:
-        monkeypatch.setattr(tasks.fitting, "sampling_budget", lambda device, b=budget: _budget(b))
+        monkeypatch.setattr(
+            tasks.fit.fitting, "sampling_budget", lambda device, b=budget: _budget(b)
+        )
         assert fit_modality(root, "m", cfg.fit)["cells_streamed"] is streamed
         assert root[fit_key("m")].attrs["fit_matrix_sparse"] is sparse
-    monkeypatch.setattr(tasks.fitting, "sampling_budget", lambda device: _budget(held))
+    monkeypatch.setattr(tasks.fit.fitting, "sampling_budget", lambda device: _budget(held))
     fit_modality(root, "m", cfg.fit)
     np.testing.assert_array_equal(root[fit_key("m")]["loss"][...], loss)  # the same fit
     forced = load_config(tmp_path / "config.yaml", ["fit.stream_cells=always", "fit.cell_batch=20"])
@@ -113,14 +119,14 @@ def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
 ) -> None:
     """A few evenly spread feature blocks estimate the non-zeros: far over the limit, the
     fit streams without reading the store sparse first; within it, the read decides."""
-    monkeypatch.setattr(tasks.prepare, "FEATURE_CHUNK", 1)
-    monkeypatch.setattr(tasks.prepare, "SAMPLED_BLOCKS", 2)
+    monkeypatch.setattr(tasks.fit.data, "FEATURE_CHUNK", 1)
+    monkeypatch.setattr(tasks.fit.data, "SAMPLED_BLOCKS", 2)
     root, _ = npy_store(tmp_path, "negbinom", 3)
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
     nonzero = read_sparse_fit_arrays(root, "m", groups, features=features).y.nnz
-    cells = tasks.prepare.fit_cell_index(root, "m", groups)
-    estimate = tasks.prepare.estimated_nonzero(root, "m", cells, features)
+    cells = tasks.selection.fit_cell_index(root, "m", groups)
+    estimate = tasks.fit.data.estimated_nonzero(root, "m", cells, features)
     assert len(features) == 4 and 0.5 * nonzero <= estimate <= 2 * nonzero
     plan = plan_fit(n_cells=60, entries_per_cell=4, budget=_budget(1))
 
@@ -128,12 +134,12 @@ def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
         raise AssertionError("the store was read sparse")
 
     with monkeypatch.context() as patched:
-        patched.setattr(tasks.prepare, "read_sparse_fit_arrays", refuse)
+        patched.setattr(tasks.fit.data, "read_sparse_fit_arrays", refuse)
         tight = _budget(sparse_bytes(estimate // 2, 60, 4))
-        streamed, data = tasks.prepare.held_sparse(
+        streamed, data = tasks.fit.data.held_sparse(
             root, "m", groups, features, plan=plan, budget=tight
         )
     assert data is None and f"~{estimate:,} non-zeros (from 2 feature blocks)" in streamed.reason
     roomy = _budget(sparse_bytes(max(estimate, nonzero), 60, 4))
-    held, data = tasks.prepare.held_sparse(root, "m", groups, features, plan=plan, budget=roomy)
+    held, data = tasks.fit.data.held_sparse(root, "m", groups, features, plan=plan, budget=roomy)
     assert data is not None and data.y.nnz == nonzero and held.sparse

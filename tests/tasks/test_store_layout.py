@@ -12,7 +12,7 @@ from stores import npy_store
 import tasks.store
 from tasks.config import config_from_dict
 from tasks.errors import ConfigError
-from tasks.prepare import read_flags
+from tasks.filter.flags import read_flags
 from tasks.store import CELLS, CIS_KEY, GROUPS, MODALITY_GROUPS, prep_key
 
 

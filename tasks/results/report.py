@@ -1,6 +1,6 @@
 """What a run's report shows, read from the store: excluded features, loss curve, effects.
 
-No Prefect here (`tasks.artifacts` publishes). matplotlib is imported by the plotting
+No Prefect here (`tasks.orchestration.artifacts` publishes). matplotlib is imported by the plotting
 functions only (the tables need none of it) and draws on `Figure` objects: no pyplot
 state, so modality chains may plot side by side in threads.
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from tasks.filter.flags import read_flags
 from tasks.groups import FIRST_SORTED
-from tasks.prepare import read_flags
 from tasks.store import inputs_key, read_strings, results_key
 
 if TYPE_CHECKING:

@@ -18,10 +18,11 @@ import zarr
 from bayesdream_model.distributions import OutputSpec
 from bayesdream_model.memory import plan_sampling
 from bayesdream_model.posterior import draw_range
-from tasks.fitting import load_fitted, read_fit_flags
+from tasks.filter.flags import read_flags
+from tasks.fit.fitting import load_fitted, read_fit_flags
 from tasks.groups import read_groups
-from tasks.prepare import fit_cell_index, read_flags
 from tasks.resources import resolve_device, sampling_budget
+from tasks.selection import fit_cell_index
 from tasks.store import (
     CATEGORY,
     CIS_KEY,

@@ -5,7 +5,7 @@ features at a time: `inputs/<name>/counts` ([T, N(, K)], features are rows) is r
 `dask.array.from_zarr`, restricted to the fit cells' columns and rechunked so that each
 block holds ALL fit cells for a run of features; every block goes through the family's own
 `flags` and the [t, 3] results are concatenated over the feature blocks. The numbers are
-those of the in-memory path (`tasks.prepare.read_fit_arrays` + `flags`) bit for bit: a
+those of the in-memory path (`tasks.selection.read_fit_arrays` + `flags`) bit for bit: a
 block is laid out as `read_fit_arrays` lays out the whole matrix ([N_fit, t(, K)] float32,
 C order), and no block holds a single feature where the matrix has several (numpy sums a
 lone column pairwise, and a column of a wider matrix sequentially: the last bits differ).
@@ -27,6 +27,7 @@ from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import FilterFlags, get_family
 from tasks.errors import StoreError
 from tasks.groups import GroupAssignment
+from tasks.selection import fit_cell_index
 from tasks.store import inputs_key, open_root
 
 #: target size of one block of counts (float32) held by a Dask task
@@ -90,8 +91,6 @@ def flag_blocks(
     """The lazy [T, 3] bool Dask array of flags (columns in `FLAG_NAMES` order)."""
     import dask
     import dask.array as da
-
-    from tasks.prepare import fit_cell_index
 
     path = str(store_path)
     cells = fit_cell_index(open_root(path), name, groups)

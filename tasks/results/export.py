@@ -4,7 +4,7 @@ The AnnData has one `var` row per feature of the results (the cis feature is in
 `technical/cis`, not here), the five filter flags as `var` columns, and in `varm` the
 effect summaries `alpha_mean`, `alpha_sd`, `alpha_q05`, `alpha_q95` as [features x groups]
 DataFrames whose columns are the group labels (multinomial: `<group>:<category>`), on
-the summary's scale (`tasks.summary`). It has no cells (`n_obs = 0`): its `var_names`
+the summary's scale (`tasks.results.summary`). It has no cells (`n_obs = 0`): its `var_names`
 are the screen's, so the matrices can be copied into the screen's own AnnData. `uns
 ["bayesdream"]` says the modality, the scale, the baseline group (`baseline_group`, and
 `baseline_rule`: named by `baseline_group:` or the first in sorted order) and how the
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import PipelineError
-from tasks.summary import EffectSummary, effect_summary, summarize
+from tasks.results.summary import EffectSummary, effect_summary, summarize
 
 logger = logging.getLogger(__name__)
 

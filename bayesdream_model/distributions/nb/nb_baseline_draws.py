@@ -29,7 +29,7 @@ import pyro.distributions as dist
 import torch
 
 from bayesdream_model.constants import LOG_EPS
-from bayesdream_model.distributions.log1p_table import evaluate
+from bayesdream_model.distributions.nb.log1p_table import evaluate
 from bayesdream_model.sparse import SparseCounts
 
 #: a feature with no baseline count is "silent" there when the other groups' rate predicts

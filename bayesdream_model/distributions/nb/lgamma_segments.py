@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from bayesdream_model.distributions.shifted_lgamma import (
+from bayesdream_model.distributions.nb.shifted_lgamma import (
     PAIR_CHUNK,
     SERIES_MIN,
     ShiftedLgamma,

@@ -4,7 +4,7 @@ The scale is the effect's own: log2 for multiplicative (negbinom) effects, logit
 binomial and multinomial, data units for normal / studentt; that is `alpha_y_add` in the
 results. `effect_summary` computes mean, sd and quantiles as [C, T(, K)] arrays, one block
 of features at a time; `summarize` lays them out as a long table (the `summary` command),
-`tasks.export` as an AnnData or a table file. Every group's effect is relative to the
+`tasks.results.export` as an AnnData or a table file. Every group's effect is relative to the
 baseline group (code 0, the first label; `baseline_group:` in the config), whose rows
 the long table marks in its `baseline` column.
 """

@@ -13,14 +13,16 @@ from bayesdream_model.distributions import PriorOptions, get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from bayesdream_model.inference import Checkpointing
 from bayesdream_model.memory import FitPlan, plan_fit
-from tasks.artifacts import Progress, artifact_key
-from tasks.cell_source import StoreCells
-from tasks.checkpoint import decode_state, encode_state
 from tasks.config import FitConfig
 from tasks.errors import StoreError
+from tasks.filter.flags import read_flags
+from tasks.fit.cell_source import StoreCells
+from tasks.fit.checkpoint import decode_state, encode_state
+from tasks.fit.data import held_sparse
 from tasks.groups import GroupAssignment, read_groups
-from tasks.prepare import fit_cell_index, held_sparse, read_fit_arrays, read_flags
+from tasks.orchestration.artifacts import Progress, artifact_key
 from tasks.resources import resolve_device, sampling_budget, set_torch_threads, total_vram
+from tasks.selection import fit_cell_index, read_fit_arrays
 from tasks.store import (
     COMPLETE,
     FIT_FEATURE,
@@ -252,7 +254,7 @@ def _load_checkpoint(group: zarr.Group) -> dict | None:
 
 
 def _save_checkpoint(group: zarr.Group, state: dict) -> None:
-    """The whole SVI state as one byte array of plain data (`tasks.checkpoint`: JSON and
+    """The whole SVI state as one byte array of plain data (`tasks.fit.checkpoint`: JSON and
     numeric arrays, no pickle); a chunk write is atomic (temp file + rename)."""
     data = np.frombuffer(encode_state(state), dtype=np.uint8)
     group.create_array(

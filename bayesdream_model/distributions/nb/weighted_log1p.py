@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from bayesdream_model.distributions.log1p_table import (
+from bayesdream_model.distributions.nb.log1p_table import (
     INVERSE_POWERS,
     POWERS,
     hermite_between,

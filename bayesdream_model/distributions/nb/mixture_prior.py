@@ -14,7 +14,7 @@ import math
 import torch
 from pyro.distributions import Gamma, TorchDistribution, constraints
 
-from bayesdream_model.distributions.baseline_prior import (
+from bayesdream_model.distributions.nb.baseline_prior import (
     SLAB_SCALE,
     SLAB_WEIGHT,
     TABLE_HIGH,

@@ -17,7 +17,7 @@ from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import get_family
 from bayesdream_model.streaming import size_factor_range
 from tasks.groups import GroupAssignment
-from tasks.prepare import fit_cell_index, read_columns
+from tasks.selection import fit_cell_index, read_columns
 from tasks.store import CELL_CHUNK, CELLS, FEATURE_CHUNK, inputs_key
 
 

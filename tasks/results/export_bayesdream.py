@@ -48,6 +48,7 @@ import torch
 import zarr
 
 from tasks.errors import PipelineError, StoreError
+from tasks.results.summary import results_group
 from tasks.store import (
     CELL_CHUNK,
     CELLS,
@@ -61,7 +62,6 @@ from tasks.store import (
     require_complete,
     results_key,
 )
-from tasks.summary import results_group
 
 logger = logging.getLogger(__name__)
 

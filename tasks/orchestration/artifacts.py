@@ -32,7 +32,7 @@ from uuid import UUID
 
 import zarr
 
-from tasks.report import (
+from tasks.results.report import (
     REASONS,
     ModalityReport,
     baseline_text,
