@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel of torch; any other spec pulls several GB of CUDA.
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?= -m "not slow" -q
+# the fast tier, on every core (pytest-xdist; a file's tests stay in one worker, so its
+# module fixtures are built once)
+PYTEST_ARGS ?= -m "not slow" -q -n auto --dist loadfile
 
 .PHONY: setup demo test test-all lint clean
 
@@ -24,10 +26,11 @@ demo: setup
 test: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest $(PYTEST_ARGS)
 
-# every tier: the fast one and the slow statistical / end-to-end tests (`-m` given, so the
-# model tests' hook does not skip them)
-test-all: PYTEST_ARGS = -m "slow or not slow" -q --durations=25
-test-all: test
+# every tier: the fast one (on every core), then the statistical and end-to-end one in one
+# process (its child processes, servers and clusters use the cores already), the slowest shown
+test-all: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest -m "not slow" -q -n auto --dist loadfile $(EXTRA_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest -m slow -q --durations=25 $(EXTRA_ARGS)
 
 lint: setup
 	$(BIN)/ruff check bayesdream_model tasks flows tests benchmarks

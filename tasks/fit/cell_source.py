@@ -14,11 +14,9 @@ import numpy as np
 import zarr
 
 from bayesdream_model.data import FitArrays
-from bayesdream_model.distributions import get_family
 from bayesdream_model.streaming import size_factor_range
-from tasks.groups import GroupAssignment
-from tasks.selection import fit_cell_index, read_columns
-from tasks.store import CELL_CHUNK, CELLS, FEATURE_CHUNK, inputs_key
+from tasks.selection import FitSelection, read_columns
+from tasks.store import CELL_CHUNK, FEATURE_CHUNK, inputs_key
 
 
 def chunk_batches(cells: np.ndarray, batch_cells: int, chunk: int = CELL_CHUNK) -> np.ndarray:
@@ -46,27 +44,15 @@ def chunk_batches(cells: np.ndarray, batch_cells: int, chunk: int = CELL_CHUNK) 
 class StoreCells:
     """A modality's fit cells x fit features, read from the store on demand."""
 
-    def __init__(
-        self,
-        root: zarr.Group,
-        name: str,
-        groups: GroupAssignment,
-        features: np.ndarray,
-        *,
-        batch_cells: int,
-    ) -> None:
-        self.root, self.name, self.groups = root, name, groups
-        self.features = np.asarray(features)
-        self.family = get_family(root[inputs_key(name)].attrs["distribution"])
-        self.cells = fit_cell_index(root, name, groups)
-        self.codes = groups.code[self.cells]
-        self.sum_factor = None
-        if self.family.spec.needs_sum_factor:
-            self.sum_factor = root[CELLS]["sum_factor"][...][self.cells].astype(np.float32)
+    def __init__(self, root: zarr.Group, selection: FitSelection, *, batch_cells: int) -> None:
+        self.root, self.name, self.groups = root, selection.name, selection.groups
+        self.family, self.features = selection.family, selection.features
+        self.cells, self.codes = selection.cells, selection.codes
+        self.sum_factor = selection.sum_factor
         self.sf_range = size_factor_range(self.sum_factor)
         self.n_cells, self.n_features = len(self.cells), len(self.features)
-        self.n_groups = len(groups.labels)
-        chunk = root[inputs_key(name)]["counts"].chunks[1]
+        self.n_groups = selection.n_groups
+        chunk = root[inputs_key(self.name)]["counts"].chunks[1]
         self.bounds = chunk_batches(self.cells, batch_cells, chunk)
 
     @property

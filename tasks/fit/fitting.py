@@ -12,17 +12,15 @@ import zarr
 from bayesdream_model.distributions import PriorOptions, get_family
 from bayesdream_model.fit import FitOptions, FittedModel, fit_technical, restore_fitted
 from bayesdream_model.inference import Checkpointing
-from bayesdream_model.memory import FitPlan, plan_fit
 from tasks.config import FitConfig
 from tasks.errors import StoreError
 from tasks.filter.flags import read_flags
-from tasks.fit.cell_source import StoreCells
 from tasks.fit.checkpoint import decode_state, encode_state
-from tasks.fit.data import held_sparse
+from tasks.fit.data import fit_data
 from tasks.groups import GroupAssignment, read_groups
 from tasks.orchestration.artifacts import Progress, artifact_key
 from tasks.resources import resolve_device, sampling_budget, set_torch_threads, total_vram
-from tasks.selection import fit_cell_index, read_fit_arrays
+from tasks.selection import select_fit
 from tasks.store import (
     COMPLETE,
     FIT_FEATURE,
@@ -30,7 +28,6 @@ from tasks.store import (
     fit_key,
     fresh_group,
     generic_dims,
-    inputs_key,
     mark_complete,
     write_array,
 )
@@ -87,31 +84,13 @@ def fit_modality(
         negbinom_baseline=fit.negbinom_baseline_prior,
         continuous=fit.continuous_prior,
     )
-    family = get_family(root[inputs_key(name)].attrs["distribution"]).configured(priors)
-    groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, name).technical_correction_applied)
+    selection = select_fit(root, name, read_groups(root), features)  # read once
+    family = selection.family.configured(priors)
     device = resolve_device(fit.device)
     threads = set_torch_threads(fit.threads)
-    plan = _fit_plan(root, name, groups, features, fit, device)
-    plan, data = held_sparse(  # negbinom: its non-zeros, when they fit
-        root,
-        name,
-        groups,
-        features,
-        plan=plan,
-        budget=sampling_budget(device),
-        mode=fit.stream_cells,
-    )
+    plan, data, how = fit_data(root, selection, fit, sampling_budget(device))
     log.info("Modality '%s': %s", name, plan.reason)
-    if plan.stream:
-        data = StoreCells(root, name, groups, features, batch_cells=plan.batch_cells)
-        how = f"read in {data.n_batches} batches of <= {plan.batch_cells} cells, " + (
-            "their statistics merged" if family.mergeable else "one batch per step"
-        )
-    else:
-        if data is None:
-            data = read_fit_arrays(root, name, groups, features=features)
-        how = "in memory, sparse" if plan.sparse else "in memory"
     log.info(
         "Modality '%s': fitting %s on %d cells x %d features (%s), %d groups, device %s "
         "(%d threads)",
@@ -147,8 +126,7 @@ def fit_modality(
         family, data, options, on_progress=on_progress, checkpointing=checkpointing
     )
     on_progress.progress.finish()  # a fit that converged early is finished too
-    codes = data.codes if isinstance(data, StoreCells) else data.groups  # the fit cells'
-    _warn_of_baseline(log, name, groups, codes, fitted)
+    _warn_of_baseline(log, name, selection.groups, selection.codes, fitted)
     group.attrs.update(
         cells_streamed=plan.stream,
         cell_batches=getattr(data, "n_batches", 1),
@@ -201,29 +179,6 @@ def _warn_of_baseline(
         groups.labels[0],
         ", and ".join(problems),
         ", ".join(f"{label} {count:,}" for label, count in ranked),
-    )
-
-
-def _fit_plan(
-    root: zarr.Group,
-    name: str,
-    groups: GroupAssignment,
-    features: np.ndarray,
-    fit: FitConfig,
-    device: str,
-) -> FitPlan:
-    """Fit in memory, or stream the cells when the fit matrix does not fit the device."""
-    group = root[inputs_key(name)]
-    family = get_family(group.attrs["distribution"])
-    per_cell = len(features) * int(np.prod(group["counts"].shape[2:], dtype=np.int64))
-    if family.spec.needs_denominator:
-        per_cell *= 2
-    return plan_fit(
-        n_cells=len(fit_cell_index(root, name, groups)),
-        entries_per_cell=per_cell,
-        budget=sampling_budget(device),
-        mode=fit.stream_cells,
-        batch_cells=fit.cell_batch,
     )
 
 

@@ -171,7 +171,11 @@ def test_demo_run_writes_every_result(tmp_path: Path) -> None:
     assert (table["q05"] <= table["q50"]).all() and (table["q50"] <= table["q95"]).all()
 
 
-@pytest.mark.parametrize("n_groups", [1, 2, 3])
+@pytest.mark.parametrize(
+    "n_groups",
+    # C = 3 in the fast tier (the model tests cover C = 1, 2, 3 without the flow)
+    [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3],
+)
 def test_shapes_for_each_number_of_groups(tmp_path: Path, n_groups: int) -> None:
     config = _demo(tmp_path / "demo", n_groups=n_groups, n_cells=60, n_features=8)
     if n_groups == 1:

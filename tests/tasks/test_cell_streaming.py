@@ -26,7 +26,7 @@ from tasks.fit.cell_source import StoreCells, chunk_batches
 from tasks.fit.fitting import fit_modality
 from tasks.groups import read_groups
 from tasks.sample.sampling import SampleRequest, sample_modality
-from tasks.selection import fit_cell_index, read_fit_arrays
+from tasks.selection import fit_cell_index, read_fit_arrays, select_fit
 from tasks.store import COMPLETE, fit_key, results_key
 
 CHUNK = 16
@@ -90,7 +90,7 @@ def test_store_cells_hand_out_the_fit_matrix(
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
     whole = read_fit_arrays(root, "m", groups, features=features)
-    cells = StoreCells(root, "m", groups, features, batch_cells=20)
+    cells = StoreCells(root, select_fit(root, "m", groups, features), batch_cells=20)
     assert cells.n_batches > 2 and cells.n_cells == whole.n_cells
     batches = [cells.read_batch(k) for k in range(cells.n_batches)]
     np.testing.assert_array_equal(np.concatenate([b.y for b in batches]), whole.y)

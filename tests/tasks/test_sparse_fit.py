@@ -25,7 +25,7 @@ from tasks.filter.flags import read_flags
 from tasks.fit.data import read_sparse_fit_arrays
 from tasks.fit.fitting import fit_modality
 from tasks.groups import read_groups
-from tasks.selection import read_fit_arrays
+from tasks.selection import read_fit_arrays, select_fit
 from tasks.store import fit_key
 
 GB = 10**9
@@ -71,13 +71,13 @@ def test_sparse_read_equals_the_dense_read(
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
     dense = read_fit_arrays(root, "m", groups, features=features)
-    sparse = read_sparse_fit_arrays(root, "m", groups, features=features)
+    sparse = read_sparse_fit_arrays(root, select_fit(root, "m", groups, features))
     assert isinstance(sparse.y, SparseCounts) and sparse.y.nnz == np.count_nonzero(dense.y)
     np.testing.assert_array_equal(sparse.y.dense(), dense.y)
     np.testing.assert_array_equal(sparse.groups, dense.groups)
     np.testing.assert_array_equal(sparse.sum_factor, dense.sum_factor)
     too_few = read_sparse_fit_arrays(
-        root, "m", groups, features=features, max_nonzero=sparse.y.nnz - 1
+        root, select_fit(root, "m", groups, features), max_nonzero=sparse.y.nnz - 1
     )
     assert too_few is None
 
@@ -92,7 +92,7 @@ def test_fit_step_holds_negbinom_sparse_and_streams_only_what_does_not_fit(
     cfg = load_config(tmp_path / "config.yaml")
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
-    nonzero = read_sparse_fit_arrays(root, "m", groups, features=features).y.nnz
+    nonzero = read_sparse_fit_arrays(root, select_fit(root, "m", groups, features)).y.nnz
     n_cells, n_features = 60, len(features)
     held = sparse_bytes(nonzero, n_cells, n_features)
     dense = n_cells * n_features * 12
@@ -124,9 +124,9 @@ def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
     root, _ = npy_store(tmp_path, "negbinom", 3)
     groups = read_groups(root)
     features = np.flatnonzero(read_flags(root, "m").technical_correction_applied)
-    nonzero = read_sparse_fit_arrays(root, "m", groups, features=features).y.nnz
-    cells = tasks.selection.fit_cell_index(root, "m", groups)
-    estimate = tasks.fit.data.estimated_nonzero(root, "m", cells, features)
+    nonzero = read_sparse_fit_arrays(root, select_fit(root, "m", groups, features)).y.nnz
+    selection = select_fit(root, "m", groups, features)
+    estimate = tasks.fit.data.estimated_nonzero(root, selection)
     assert len(features) == 4 and 0.5 * nonzero <= estimate <= 2 * nonzero
     plan = plan_fit(n_cells=60, entries_per_cell=4, budget=_budget(1))
 
@@ -136,10 +136,8 @@ def test_a_sparse_form_estimated_far_over_the_budget_is_not_read(
     with monkeypatch.context() as patched:
         patched.setattr(tasks.fit.data, "read_sparse_fit_arrays", refuse)
         tight = _budget(sparse_bytes(estimate // 2, 60, 4))
-        streamed, data = tasks.fit.data.held_sparse(
-            root, "m", groups, features, plan=plan, budget=tight
-        )
+        streamed, data = tasks.fit.data.held_sparse(root, selection, plan=plan, budget=tight)
     assert data is None and f"~{estimate:,} non-zeros (from 2 feature blocks)" in streamed.reason
     roomy = _budget(sparse_bytes(max(estimate, nonzero), 60, 4))
-    held, data = tasks.fit.data.held_sparse(root, "m", groups, features, plan=plan, budget=roomy)
+    held, data = tasks.fit.data.held_sparse(root, selection, plan=plan, budget=roomy)
     assert data is not None and data.y.nnz == nonzero and held.sparse
