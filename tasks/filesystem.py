@@ -24,7 +24,7 @@ import zarr
 from bayesdream_model.distributions import get_family
 from tasks.errors import InsufficientSpaceError, StoreWriteError
 from tasks.groups import read_groups
-from tasks.sample.sampling import _shape as output_shape
+from tasks.sample.sampling import output_shape
 from tasks.store import inputs_key, is_complete, results_key
 
 FLOAT32 = 4  # bytes of a result entry

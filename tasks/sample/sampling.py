@@ -78,7 +78,7 @@ def feature_layout(names: np.ndarray, fit_features: np.ndarray, cis: str | None)
     return FeatureLayout(int(keep.sum()), fit_to_result, int(hits[0]) if len(hits) else None)
 
 
-def _shape(
+def output_shape(
     out: OutputSpec, n_samples: int, n_groups: int, n_features: int, n_categories: int | None
 ) -> tuple[int, ...]:
     """[S], [S, T], [S, C, T] or [S, C-1, T]; with K after T where T is not last (3-D)."""
@@ -90,7 +90,7 @@ def _shape(
 
 
 def _dims(out: OutputSpec, *, with_feature: bool = True) -> tuple[str, ...]:
-    """Dimension names matching `_shape`: (draw, group | nonbaseline_group, feature(, category))."""
+    """Dimension names matching `output_shape`: (draw, group | nonbaseline_group, feature(, category))."""
     lead = {"effect": (GROUP,), "raw": (NONBASELINE_GROUP,), "feature": (), "scalar": None}
     if lead[out.kind] is None:
         return (DRAW,)
@@ -102,7 +102,7 @@ def _create_outputs(group: zarr.Group, outputs, shape_args, batch: int) -> dict[
     """Full-size arrays filled with each output's baseline/NaN before sampling starts."""
     arrays = {}
     for out in outputs:
-        shape = _shape(out, *shape_args)
+        shape = output_shape(out, *shape_args)
         chunks = (batch, *(max(1, min(s, FEATURE_CHUNK_OUT)) for s in shape[1:]))
         arrays[out.name] = group.create_array(
             out.name,
@@ -304,7 +304,7 @@ def _create_cis(root, outputs, nsamples, n_groups, batch, cis_feature, modality)
     ]
     arrays = {}
     for out in renamed:
-        shape = _shape(out, nsamples, n_groups, 1, None)
+        shape = output_shape(out, nsamples, n_groups, 1, None)
         shape = shape if out.kind == "scalar" else shape[:-1]
         arrays[out.name] = group.create_array(
             out.name,
