@@ -15,6 +15,7 @@ holds nothing but its Zarr hierarchy.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import getpass
 import json
 import logging
@@ -138,8 +139,14 @@ def store_lock(store: Path) -> Iterator[Holder]:
     with store_faults(Path(store)):
         holder = _acquire(Path(store))
         stop = threading.Event()
+        # in a copy of the caller's context: a warning of the heartbeat's is logged under
+        # the run that holds the lock (Prefect files log lines by the run in the context)
+        context = contextvars.copy_context()
         beat = threading.Thread(
-            target=_heartbeat, args=(Path(store), holder, stop), daemon=True, name="store-lock"
+            target=context.run,
+            args=(_heartbeat, Path(store), holder, stop),
+            daemon=True,
+            name="store-lock",
         )
         beat.start()
         try:

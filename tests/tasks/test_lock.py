@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import tasks.lock
 from tasks.lock import (
     STALE_AFTER_S,
     UNREADABLE_GRACE_S,
@@ -111,3 +113,35 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path: Path) -> None:
     with store_lock(store):
         _plant(store, token="replaced")  # someone deleted ours and took it
     assert read_holder(store).token == "replaced"
+
+
+RUN = contextvars.ContextVar("run", default=None)
+
+
+def test_the_heartbeats_warning_is_logged_in_the_lock_takers_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log handlers that file lines by a context variable (Prefect's run logs) see the
+    run that took the lock in the heartbeat thread's warning, not an empty context."""
+    monkeypatch.setattr(tasks.lock, "HEARTBEAT_S", 0.05)
+    seen: list[object] = []
+
+    class ByContext(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "removed or replaced" in record.getMessage():
+                seen.append(RUN.get())
+
+    handler = ByContext()
+    logging.getLogger("tasks.lock").addHandler(handler)
+    store = tmp_path / "run.zarr"
+    token = RUN.set("run-1")
+    try:
+        with store_lock(store):
+            lock_path(store).unlink()  # another run's doing
+            deadline = time.monotonic() + 5.0
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        RUN.reset(token)
+        logging.getLogger("tasks.lock").removeHandler(handler)
+    assert seen == ["run-1"]
