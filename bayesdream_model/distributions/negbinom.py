@@ -6,7 +6,7 @@ import copy
 import functools
 import logging
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from itertools import pairwise
 
 import numpy as np
@@ -26,6 +26,7 @@ from bayesdream_model.distributions.base import (
 )
 from bayesdream_model.distributions.effects import sample_group_effects, with_baseline
 from bayesdream_model.distributions.nb.baseline_prior import empirical_inputs, learned_mixture
+from bayesdream_model.distributions.nb.group_sums import GroupSums
 from bayesdream_model.distributions.nb.lgamma_segments import SegmentedLgamma
 from bayesdream_model.distributions.nb.log1p_table import POWERS, GroupLog1p, log1p_table
 from bayesdream_model.distributions.nb.mixture_prior import baseline_mean_prior
@@ -47,7 +48,7 @@ from bayesdream_model.distributions.nb.weighted_log1p import WeightedLog1p, weig
 from bayesdream_model.errors import ModelError
 from bayesdream_model.plates import Plates
 from bayesdream_model.sparse import SparseCounts, as_sparse, block_width
-from bayesdream_model.sparse_stats import scaled_group_sums, scaled_robust_sd
+from bayesdream_model.sparse_stats import scaled_robust_sd
 from bayesdream_model.stats import constant
 
 log = logging.getLogger(__name__)
@@ -291,15 +292,15 @@ class NegBinom(Family):
         From the non-zeros (`sparse_stats`; dense input is made sparse first, so the two
         agree bit for bit): cost O(non-zeros), but for "standard_error" the features that
         are mostly non-zero, whose median is taken dense, a block at a time."""
-        return self._priors(data, _GroupSums.of(data))
+        return self._priors(data, GroupSums.of(data))
 
     def fit_inputs(self, data: FitArrays, tensors: FitTensors | None = None) -> tuple[dict, dict]:
         """Prior inputs and initial values from one set of group sums: the likelihood's
         statistics hold them (`tensors`, when given), else one pass over the entries."""
-        sums = _GroupSums.of(data, tensors)
+        sums = GroupSums.of(data, tensors)
         return self._priors(data, sums), self._inits(data, sums.scaled)
 
-    def _priors(self, data: FitArrays, sums: _GroupSums) -> dict[str, torch.Tensor]:
+    def _priors(self, data: FitArrays, sums: GroupSums) -> dict[str, torch.Tensor]:
         """`prior_inputs` given the group sums."""
         y, sf = as_sparse(data.y), data.sum_factor
         if self.baseline_prior == "empirical" and data.n_groups > 1:
@@ -342,7 +343,7 @@ class NegBinom(Family):
     def initial_values(self, data: FitArrays) -> dict[str, torch.Tensor]:
         """Effects start at log2(group mean / baseline mean) of size-factor-normalised counts
         (group sums over the non-zeros)."""
-        return {} if data.n_groups < 2 else self._inits(data, _GroupSums.of(data).scaled)
+        return {} if data.n_groups < 2 else self._inits(data, GroupSums.of(data).scaled)
 
     @staticmethod
     def _inits(data: FitArrays, sums: np.ndarray) -> dict[str, torch.Tensor]:
@@ -492,30 +493,3 @@ class NegBinom(Family):
     def n_features(self, inputs: dict[str, torch.Tensor]) -> int:
         """T = length of the mu_ntc prior mean."""
         return int(inputs["mu_mean"].shape[-1])
-
-
-@dataclass(frozen=True)
-class _GroupSums:
-    """Per (group, feature) sums over the cells: `scaled` Σ y / sf [C, T], and the raw
-    Σ y, read from the likelihood's statistics when they hold them (its table's moments
-    are these sums, in float64, from the same pass) or summed over the non-zeros."""
-
-    scaled: np.ndarray
-    data: FitArrays
-    totals: np.ndarray | None = None
-
-    @classmethod
-    def of(cls, data: FitArrays, tensors: FitTensors | None = None) -> _GroupSums:
-        stats = None if tensors is None else tensors.stats
-        if stats is not None and "yl_moments" in stats:
-            moments = stats["yl_moments"].cpu().numpy()  # Σ y, Σ y log sf, Σ y sf^k, Σ y / sf
-            return cls(moments[:, 2 + POWERS], data, moments[:, 0])
-        y = as_sparse(data.y)
-        return cls(scaled_group_sums(y, data.sum_factor, data.groups, data.n_groups), data)
-
-    def raw(self) -> np.ndarray:
-        """Σ y per (group, feature) [C, T]."""
-        if self.totals is not None:
-            return self.totals
-        y = as_sparse(self.data.y)
-        return scaled_group_sums(y, np.ones(y.shape[0]), self.data.groups, self.data.n_groups)

@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import zarr
 
-from bayesdream_model.distributions import FilterFlags, get_family
+from bayesdream_model.distributions import FilterFlags
 from bayesdream_model.errors import NoFeaturesLeftError
 from tasks.filter.distributed import dask_flags, on_dask_worker, store_path
 from tasks.groups import GroupAssignment
-from tasks.selection import read_fit_arrays
+from tasks.selection import read_selection, select_fit
 from tasks.store import (
     FEATURE,
     FEATURE_CHUNK,
@@ -71,12 +71,12 @@ def filter_features(
 def block_flags(root: zarr.Group, name: str, groups: GroupAssignment) -> FilterFlags:
     """The family's flags, one block of features at a time (every filter is per feature),
     so memory holds [fit cells x FEATURE_CHUNK], never the whole fit matrix."""
-    family = get_family(root[inputs_key(name)].attrs["distribution"])
-    n_features = root[inputs_key(name)]["counts"].shape[0]
+    selection = select_fit(root, name, groups)  # the fit cells, read once for every block
+    n_features = len(selection.features)
     parts = [
-        family.flags(
-            read_fit_arrays(
-                root, name, groups, features=np.arange(s, min(s + FEATURE_CHUNK, n_features))
+        selection.family.flags(
+            read_selection(
+                root, selection, features=np.arange(s, min(s + FEATURE_CHUNK, n_features))
             )
         )
         for s in range(0, n_features, FEATURE_CHUNK)

@@ -10,7 +10,7 @@ import torch
 from factories import counts_matrix
 from pyro import poutine
 
-import bayesdream_model.distributions.negbinom as negbinom
+import bayesdream_model.distributions.nb.group_sums as group_sums
 import bayesdream_model.fit
 from bayesdream_model.data import FitArrays
 from bayesdream_model.distributions import PriorOptions, get_family
@@ -253,7 +253,7 @@ def test_fit_inputs_read_from_the_likelihood_statistics_equal_a_pass_over_the_en
     def no_pass(*args, **kwargs):
         raise AssertionError("the group sums were summed over the entries again")
 
-    monkeypatch.setattr(negbinom, "scaled_group_sums", no_pass)
+    monkeypatch.setattr(group_sums, "scaled_group_sums", no_pass)
     priors, inits = family.fit_inputs(data, tensors)
     assert priors.keys() == expected_priors.keys() and inits.keys() == expected_inits.keys()
     for got, expected in ((priors, expected_priors), (inits, expected_inits)):
