@@ -81,7 +81,7 @@ def _add_run(sub) -> None:
 
 
 def _add_others(sub) -> None:
-    """`summary`, `export`, `demo` and `deploy`."""
+    """`summary`, `export`, `report`, `demo` and `deploy`."""
     summary = sub.add_parser("summary", help="per feature and group effect summaries as CSV")
     summary.add_argument("store", type=Path)
     summary.add_argument("--modality", required=True)
@@ -116,6 +116,15 @@ def _add_others(sub) -> None:
         "--format",
         choices=("h5ad", "parquet", "csv"),
         help="default: from the suffix of --out",
+    )
+    report = sub.add_parser(
+        "report",
+        help="(re)write the run's page, <store>.reports/index.html (every run writes it; "
+        "this rewrites it, e.g. for a store from an earlier version)",
+    )
+    report.add_argument("store", type=Path)
+    report.add_argument(
+        "--modality", action="append", help="repeat for each (default: all with results)"
     )
     demo = sub.add_parser("demo", help="simulate a small screen and run the whole flow on it")
     demo.add_argument("--dir", type=Path, default=Path("demo_run"))
@@ -193,6 +202,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         return _export(args)
+    if args.command == "report":
+        from tasks.results.run_page import rewrite_run_page
+
+        page = rewrite_run_page(str(args.store), args.modality)
+        log.info("Open it in a browser: %s", page.resolve().as_uri())
+        return 0
     from flows.technical_fit import run_demo, technical_fit
 
     if args.command == "demo":

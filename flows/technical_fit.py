@@ -107,17 +107,20 @@ def technical_fit(
 
 def _chains(cfg: RunConfig, names: list[str], started: float) -> str:
     """The run's tasks, under the store's lock: nothing is written before pre-flight."""
-    prints, plans = preflight(cfg, names)
+    prints, plans, checked = preflight(cfg, names)
     withdraw_completion(cfg, names, prints)
-    create_store(cfg, names, prints)
-    summaries: dict[str, Any] = {"groups": assign_groups(cfg, prints)}
+    # run-level steps under keys with a dash, which no modality name has
+    summaries: dict[str, Any] = {"pre-flight": checked}
+    summaries["create-store"] = create_store(cfg, names, prints)
+    summaries["groups"] = assign_groups(cfg, prints)
     # Every modality's values are checked and filtered before any fit starts: bad input in
     # one modality must not leave another's results behind, claiming to be complete.
     # .result() in dependency order: the first failure is raised, not a skipped task's state
-    for future in [ingest.submit(cfg, name, plans[name], prints) for name in names]:
-        future.result()
+    ingested = {name: ingest.submit(cfg, name, plans[name], prints) for name in names}
+    summaries |= {name: {"ingest": ingested[name].result()} for name in names}
     filtered = {name: filter_step.submit(cfg, name, prints) for name in names}
-    summaries |= {name: {"filters": filtered[name].result()} for name in names}
+    for name in names:
+        summaries[name]["filters"] = filtered[name].result()
     fits = {name: fit.submit(cfg, name, prints) for name in names}
     draws = {name: sample.submit(cfg, name, prints, wait_for=[fits[name]]) for name in names}
     for name in names:

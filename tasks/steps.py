@@ -10,6 +10,7 @@ from typing import Any
 
 import zarr
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 
 from tasks.config import RunConfig, apply_override, config_from_dict, load_config
 from tasks.filter.flags import filter_features, read_flags
@@ -25,9 +26,12 @@ from tasks.orchestration.artifacts import (
     artifact_key,
     publish_exclusions,
     publish_reports,
+    publish_run_page,
 )
 from tasks.orchestration.run_logging import send_library_logs
+from tasks.results.run_page import remove_run_page
 from tasks.sample.sampling import SampleRequest, sample_modality
+from tasks.stage_meter import StageMeter
 from tasks.store import (
     CELLS,
     CIS_KEY,
@@ -43,15 +47,16 @@ from tasks.store import (
 
 
 def _timed(fn):
-    """A step's summary (a dict) gains its wall time in seconds, recorded in the store's
-    root attributes (`steps`) by `finalize`."""
+    """A step's summary (a dict) gains its wall time in seconds and its peak memory
+    (`tasks.stage_meter`), recorded in the store's root attributes (`steps`) by `finalize`
+    and shown on the run's page."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
+        with StageMeter() as meter:
+            result = fn(*args, **kwargs)
         summary = result if isinstance(result, dict) else {"result": result}
-        return summary | {"seconds": round(time.perf_counter() - start, 3)}
+        return summary | meter.use.as_dict()
 
     wrapper.__annotations__ = {**fn.__annotations__, "return": dict[str, Any]}
     return wrapper
@@ -89,6 +94,7 @@ def withdraw_completion(cfg: RunConfig, modalities: list[str], prints: Fingerpri
     whose inputs are unchanged keep their mark: the steps that wrote them are skipped.
     (A run refused in pre-flight has not come here: the store is as it was.)
     """
+    remove_run_page(cfg.store)  # it described the store as it was
     if not (Path(cfg.store) / "zarr.json").exists():
         return
     root = open_root(cfg.store)
@@ -154,18 +160,21 @@ def _interrupted_sampling(root: zarr.Group, key: str, fingerprint: str) -> bool:
 @_sends_library_logs
 def preflight(
     cfg: RunConfig, modalities: list[str]
-) -> tuple[Fingerprints, dict[str, ModalityPlan]]:
+) -> tuple[Fingerprints, dict[str, ModalityPlan], dict[str, Any]]:
     """Every check of the inputs (store location, cells table, groups, matrices and their
-    values), read-only, before anything is written; then each step's fingerprint."""
+    values), read-only, before anything is written; then each step's fingerprint. Also
+    returns what the checks used (wall time, peak memory)."""
     log = get_run_logger()
-    prints, plans = check_run(cfg, modalities, log)
+    with StageMeter() as meter:
+        prints, plans = check_run(cfg, modalities, log)
     log.info("Pre-flight passed: modalities %s", ", ".join(plans))
-    return prints, plans
+    return prints, plans, meter.use.as_dict()
 
 
 @task(name="create-store", task_run_name="create-store")
 @_sends_library_logs
-def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> str:
+@_timed
+def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) -> dict[str, Any]:
     """Open (or create) the store, record the config, and (re)write the cells if changed."""
     root = open_root(cfg.store, create=True)
     if COMPLETE in root.attrs:
@@ -175,35 +184,40 @@ def create_store(cfg: RunConfig, modalities: list[str], prints: Fingerprints) ->
     root.attrs.update(
         {"config": json.loads(cfg.model_dump_json()), "provenance": provenance.describe()}
     )
-    if is_unchanged(root, CELLS, prints.cells):
+    skipped = is_unchanged(root, CELLS, prints.cells)
+    if skipped:
         get_run_logger().info("Cells table unchanged: kept '%s'", CELLS)
     else:
         write_cells(root, read_cells_table(cfg), cfg.covariates, cfg.sum_factor_col)
         _stamp(root, CELLS, prints.cells)
-    return str(cfg.store)
+    return {"result": str(cfg.store), "skipped": skipped}
 
 
 @task(name="ingest", task_run_name="ingest-{name}")
 @_sends_library_logs
 @_timed
-def ingest(cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints) -> str:
+def ingest(
+    cfg: RunConfig, name: str, plan: ModalityPlan, prints: Fingerprints
+) -> dict[str, Any]:
     """Copy a modality's matrix into the store, chunked, in the cells table's order."""
     root, key = open_root(cfg.store), inputs_key(name)
-    if is_unchanged(root, key, prints.ingest[name]):
+    skipped = is_unchanged(root, key, prints.ingest[name])
+    if skipped:
         get_run_logger().info("Modality '%s': input files unchanged, ingestion skipped", name)
     else:
         ingest_modality(root, cfg, name, plan, get_run_logger())
         _stamp(root, key, prints.ingest[name])
-    return f"{cfg.store}/{key}"
+    return {"result": f"{cfg.store}/{key}", "skipped": skipped}
 
 
 @task(name="assign-groups", task_run_name="assign-groups")
 @_sends_library_logs
 @_timed
-def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
+def assign_groups(cfg: RunConfig, prints: Fingerprints) -> dict[str, Any]:
     """Technical groups from the covariates; returns the labels in code order."""
     root = open_root(cfg.store)
-    if not is_unchanged(root, GROUPS, prints.groups):
+    skipped = is_unchanged(root, GROUPS, prints.groups)
+    if not skipped:
         assign_groups_in_store(
             root,
             use_all_cells=cfg.use_all_cells,
@@ -211,23 +225,24 @@ def assign_groups(cfg: RunConfig, prints: Fingerprints) -> list[str]:
             baseline=cfg.baseline_group,
         )
         _stamp(root, GROUPS, prints.groups)
-    return read_groups(root).labels
+    return {"result": read_groups(root).labels, "skipped": skipped}
 
 
 @task(name="filter-features", task_run_name="filter-features-{name}")
 @_sends_library_logs
 @_timed
-def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, int]:
+def filter_step(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     """NTC filters; returns the number of features flagged by each reason."""
     root, key = open_root(cfg.store), prep_key(name)
-    if is_unchanged(root, key, prints.filter[name]):
+    skipped = is_unchanged(root, key, prints.filter[name])
+    if skipped:
         get_run_logger().info("Modality '%s': filters unchanged, skipped", name)
         flags = read_flags(root, name)
     else:
         flags = filter_features(root, name, read_groups(root), get_run_logger())
         _stamp(root, key, prints.filter[name])
     publish_exclusions(root, name, get_run_logger())
-    return {k: int(v.sum()) for k, v in flags.as_dict().items()}
+    return {k: int(v.sum()) for k, v in flags.as_dict().items()} | {"skipped": skipped}
 
 
 @task(name="fit", task_run_name="fit-{name}")
@@ -239,7 +254,11 @@ def fit(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
     if is_unchanged(root, key, prints.fit[name]):
         get_run_logger().info("Modality '%s': fit inputs unchanged, fit skipped", name)
         attrs = root[key].attrs
-        return {"niters_run": attrs["niters_run"], "stop_reason": attrs["stop_reason"]}
+        return {
+            "niters_run": attrs["niters_run"],
+            "stop_reason": attrs["stop_reason"],
+            "skipped": True,
+        }
     return fit_modality(root, name, cfg.fit, get_run_logger(), fingerprint=prints.fit[name])
 
 
@@ -255,6 +274,7 @@ def sample(cfg: RunConfig, name: str, prints: Fingerprints) -> dict[str, Any]:
         return {
             "sampling_seconds": attrs["sampling_seconds"],
             "batch_size": attrs["sampling_batch_size"],
+            "skipped": True,
         }
     request = SampleRequest(
         nsamples=cfg.fit.nsamples,
@@ -288,9 +308,18 @@ def finalize(cfg: RunConfig, started: float, summaries: dict[str, Any]) -> str:
         }
     )
     root.attrs[COMPLETE] = True
-    publish_reports(root, cfg.store, [n for n in cfg.modalities if n in summaries])
+    names = [n for n in cfg.modalities if n in summaries]
+    page = publish_run_page(
+        root, cfg.store, names, flow_run=_flow_run_text(), log=get_run_logger()
+    )
+    publish_reports(root, cfg.store, names, page=page)
     get_run_logger().info("Store complete: %s", cfg.store)
     return str(cfg.store)
+
+
+def _flow_run_text() -> str | None:
+    """'<name> (<id>)' of the flow run this task belongs to, if any."""
+    return f"{flow_run.name} ({flow_run.id})" if flow_run.id else None
 
 
 __all__ = [

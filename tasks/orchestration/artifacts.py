@@ -11,7 +11,11 @@ of a key as that key's latest, whichever run wrote it.
   feature the NTC filters excluded, one column per reason.
 - `publish_reports`: markdown artifact `report-<modality>-<slug>` with the loss curve and
   the posterior-mean effects embedded as PNGs (also written to `<store>.reports/`); it and
-  its description name the baseline group ("baseline: K562 (named by baseline_group)").
+  its description name the baseline group ("baseline: K562 (named by baseline_group)"),
+  and it links the run's page.
+- `publish_run_page`: writes the run's page, `<store>.reports/index.html`
+  (`tasks.results.run_page`), in a run or not, and in a run a link artifact
+  `run-page-<slug>` to it.
 
 Outside a Prefect run (a test calling a task's `.fn` or a library function directly)
 the artifact calls are skipped, with a debug log. A failing artifact call logs a warning
@@ -40,6 +44,7 @@ from tasks.results.report import (
     feature_counts,
     write_report,
 )
+from tasks.results.run_page import write_run_page
 from tasks.store import results_key
 
 logger = logging.getLogger(__name__)
@@ -211,25 +216,64 @@ def publish_exclusions(root: zarr.Group, name: str, log: logging.Logger | None =
     _attempt(key, lambda: create_table_artifact(shown, key=key, description=description), log)
 
 
+def publish_run_page(
+    root: zarr.Group,
+    store: str | Path,
+    names: list[str],
+    *,
+    flow_run: str | None = None,
+    log: logging.Logger | None = None,
+) -> Path | None:
+    """Write the run's page and, in a run, link it from artifact `run-page-<slug>`. A page
+    that cannot be written is a warning: the store is the run's result, the page a view."""
+    log = log or logger
+    page = _attempt(
+        "run page", lambda: write_run_page(root, store, names, flow_run=flow_run), log
+    )
+    if page is None or not in_run():
+        return page
+    from prefect.artifacts import create_link_artifact
+
+    key = _key_text(f"run-page-{store_slug(store)}")
+    description = f"The run's page ({', '.join(names)}): {page}"
+    _attempt(
+        key,
+        lambda: create_link_artifact(
+            page.resolve().as_uri(), link_text=str(page), key=key, description=description
+        ),
+        log,
+    )
+    return page
+
+
 def publish_reports(
-    root: zarr.Group, store: str | Path, names: list[str], log: logging.Logger | None = None
+    root: zarr.Group,
+    store: str | Path,
+    names: list[str],
+    log: logging.Logger | None = None,
+    *,
+    page: Path | None = None,
 ) -> list[ModalityReport]:
-    """Markdown report artifact per modality (plots also written to `<store>.reports/`)."""
+    """Markdown report artifact per modality (plots also written to `<store>.reports/`),
+    each linking the run's `page` when there is one."""
     log = log or logger
     if not in_run():
         log.debug("Not in a Prefect run: no report artifacts for %s.", names)
         return []
-    reports = [_publish_report(root, store, name, log) for name in names]
+    reports = [_publish_report(root, store, name, log, page) for name in names]
     return [report for report in reports if report is not None]
 
 
 def _publish_report(
-    root: zarr.Group, store: str | Path, name: str, log: logging.Logger
+    root: zarr.Group, store: str | Path, name: str, log: logging.Logger, page: Path | None
 ) -> ModalityReport | None:
     from prefect.artifacts import create_markdown_artifact
 
     key = artifact_key("report", name, store=store)
     report = _attempt(key, lambda: write_report(root, store, name), log)
+    if report is not None and page is not None:
+        link = f"The run's page, every modality on one page: [{page}]({page.resolve().as_uri()})"
+        report = ModalityReport(f"{report.markdown}\n\n{link}", report.files)
     if report is not None:
         description = (
             f"Modality '{name}': loss curve, posterior-mean effects, run summary; "

@@ -147,8 +147,9 @@ def loss_png(loss: np.ndarray) -> bytes:
     steps = np.arange(1, len(loss) + 1)
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(steps, loss, lw=0.6, alpha=0.5, label="loss")
     window = max(1, len(loss) // 50)
+    faint = {"lw": 0.6, "alpha": 0.5} if window > 1 else {"lw": 1.2}  # under a running mean
+    ax.plot(steps, loss, label="loss", **faint)
     if window > 1:
         running = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], running, lw=1.5, label=f"mean of {window} steps")
@@ -157,7 +158,7 @@ def loss_png(loss: np.ndarray) -> bytes:
         ax.set_yscale("log")  # only where the loss fell by more than a factor of ten
     ax.set(xlabel="SVI step", ylabel="loss (negative ELBO)")
     ax.legend(loc="upper right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def effects_png(means: np.ndarray, labels: np.ndarray, scale: str) -> bytes:
@@ -181,10 +182,11 @@ def effects_png(means: np.ndarray, labels: np.ndarray, scale: str) -> bytes:
         ax.set_title("fixed (baseline): " + ", ".join(fixed), fontsize="small")
     if len(fixed) < len(labels):
         ax.legend(loc="upper right", fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
+    """A figure as PNG bytes."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -1,0 +1,487 @@
+"""One page per run: `<store>.reports/index.html`, self-contained (figures inside the file
+as `data:` PNGs, the style inline, no script, nothing fetched).
+
+What it shows, all read from the store:
+- the run: store, flow run, start and end, status, versions;
+- the technical groups: NTC cells, cells and fit cells of each, which is the baseline and
+  why, groups dropped for having no NTC cells;
+- wall time and peak memory of every step (the store's `steps`, from `tasks.stage_meter`);
+- per modality: the fit (distribution, guide, SVI steps and why the fit stopped, the loss
+  trace), the features excluded by each NTC filter (with their names), the features the
+  fit flagged, and per group each feature's effect against its baseline mean with its
+  interval width (`tasks.results.page_figures`); the baseline mean is the posterior mean
+  of `mu_ntc` (of `probs_baseline` for multinomial modalities).
+
+`write_run_page` writes the page atomically (a temporary file, then a rename), so a page
+is whole or absent; `remove_run_page` withdraws it when a new run on the store starts, so
+an interrupted run leaves no page describing a store it changed.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from tasks.errors import StoreError
+from tasks.filter.flags import read_flags
+from tasks.groups import NTC, read_groups
+from tasks.results.page_figures import GroupPanel, group_png
+from tasks.results.report import (
+    EXCLUDED,
+    FIT,
+    REASONS,
+    data_uri,
+    exclusion_table,
+    loss_png,
+    reports_folder,
+)
+from tasks.results.summary import effect_summary
+from tasks.store import (
+    CELLS,
+    CIS_KEY,
+    COMPLETE,
+    FIT_FLAGS,
+    fit_key,
+    is_complete,
+    open_root,
+    read_strings,
+    results_key,
+)
+
+logger = logging.getLogger(__name__)
+
+PAGE = "index.html"
+MAX_NAMES = 2000  # feature names listed per table; the store's flags hold every one
+REASON_TEXT = {
+    "ntc_zero_count": "no count in any NTC cell",
+    "ntc_zero_std": "the same value in every NTC cell",
+    "ntc_single_category": "one category holds every NTC count",
+}
+FLAG_TEXT = {
+    "baseline_no_counts": "no count in the baseline group's NTC cells while another group has "
+    "some: the data bound the effects from one side only, so the interval is the prior's "
+    "on that side",
+    "start_not_converged": "the Laplace start kept the initial values for these features",
+}
+STAGES = (  # (key in a modality's steps, what the page calls it)
+    ("ingest", "ingest"),
+    ("filters", "NTC filters"),
+    ("fit", "fit (SVI)"),
+    ("sample", "posterior draws"),
+)
+RUN_STAGES = (
+    ("pre-flight", "pre-flight checks"),
+    ("create-store", "store and cells"),
+    ("groups", "technical groups"),
+)
+BASELINE_AXIS = {
+    "negbinom": ("baseline mean, normalised counts (mu_ntc)", True),
+    "binomial": ("baseline proportion (mu_ntc)", False),
+    "multinomial": ("baseline category proportion (probs_baseline)", False),
+}
+
+
+def page_path(store: str | Path) -> Path:
+    """`<store>.reports/index.html`."""
+    return reports_folder(store) / PAGE
+
+
+def remove_run_page(store: str | Path) -> None:
+    """Withdraw an earlier run's page (a new run on the store has started)."""
+    page_path(store).unlink(missing_ok=True)
+
+
+def write_run_page(
+    root: zarr.Group, store: str | Path, modalities: Iterable[str], *, flow_run: str | None = None
+) -> Path:
+    """Write `<store>.reports/index.html` for `modalities` of a finished store."""
+    path = page_path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_page(root, store, list(modalities), flow_run=flow_run)
+    partial = path.with_name(f".{PAGE}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    logger.info("Run page: %s", path)
+    return path
+
+
+def rewrite_run_page(store: str, modalities: list[str] | None = None) -> Path:
+    """The `report` command: the page of a store's finished modalities (all by default)."""
+    root = open_root(store)
+    have = [
+        name
+        for name in (root["technical"].group_keys() if "technical" in root else [])
+        if results_key(name) != CIS_KEY and is_complete(root, results_key(name))
+    ]
+    missing = [name for name in modalities or [] if name not in have]
+    if missing or not have:
+        raise StoreError(
+            f"{store}: no finished results for {missing or 'any modality'}; modalities with "
+            f"results: {sorted(have)}."
+        )
+    return write_run_page(root, store, modalities or sorted(have))
+
+
+def render_page(
+    root: zarr.Group, store: str | Path, modalities: list[str], *, flow_run: str | None = None
+) -> str:
+    """The page's HTML."""
+    steps = dict(root.attrs.get("steps", {}))
+    parts = [
+        _run_section(root, store, modalities, flow_run),
+        _groups_section(root),
+        _stages_section(steps, modalities, run_seconds(root.attrs)),
+        *(_modality_section(root, store, name) for name in modalities),
+    ]
+    nav = " · ".join(
+        f'<a href="#{anchor}">{_e(text)}</a>'
+        for anchor, text in [("groups", "groups"), ("stages", "time and memory")]
+        + [(f"m-{name}", name) for name in modalities]
+    )
+    title = f"bayesDREAM technical fit: {Path(store).name}"
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_e(title)}</title>",
+            f"<style>{STYLE}</style></head><body>",
+            f"<h1>{_e(title)}</h1>",
+            f"<nav>{nav}</nav>",
+            *parts,
+            "</body></html>",
+        ]
+    )
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def _run_section(root: zarr.Group, store, modalities: list[str], flow_run: str | None) -> str:
+    attrs = root.attrs
+    provenance = dict(attrs.get("provenance", {}))
+    versions = provenance.get("versions", {})
+    rows = {
+        "store": str(Path(store).expanduser().resolve()),
+        "status": "complete" if attrs.get(COMPLETE) else "not complete (the run did not finish)",
+        "flow run": flow_run or "-",
+        "started / finished": f"{attrs.get('started', '?')} / {attrs.get('finished', '?')}",
+        "modalities on this page": ", ".join(modalities),
+        "host / user": f"{provenance.get('host', '?')} / {provenance.get('user', '?')}",
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "git commit": provenance.get("git_commit") or "-",
+    }
+    return _section("run", "The run", _key_values(rows))
+
+
+# --- groups ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    label: str
+    baseline: bool
+    ntc_cells: int
+    cells: int
+    fit_cells: int
+
+
+def group_rows(root: zarr.Group) -> list[GroupRow]:
+    """Per technical group (code order, the baseline first): NTC cells, cells, fit cells."""
+    groups = read_groups(root)
+    is_ntc = read_strings(root[CELLS], "target") == NTC
+    code = groups.code
+    kept = code >= 0
+    n = len(groups.labels)
+    counts = {
+        "ntc": np.bincount(code[kept & is_ntc], minlength=n),
+        "all": np.bincount(code[kept], minlength=n),
+        "fit": np.bincount(code[kept & groups.fit], minlength=n),
+    }
+    return [
+        GroupRow(label, c == 0, int(counts["ntc"][c]), int(counts["all"][c]), int(counts["fit"][c]))
+        for c, label in enumerate(groups.labels)
+    ]
+
+
+def _groups_section(root: zarr.Group) -> str:
+    groups = read_groups(root)
+    rows = [
+        [
+            row.label + (" (baseline)" if row.baseline else ""),
+            f"{row.ntc_cells:,}",
+            f"{row.cells:,}",
+            f"{row.fit_cells:,}",
+        ]
+        for row in group_rows(root)
+    ]
+    body = [
+        f"<p>Baseline: <b>{_e(groups.baseline)}</b> ({_e(groups.baseline_rule)}). Every other "
+        "group's effects are relative to it.</p>",
+        _table(
+            ["group", "NTC cells", "cells", "cells fit"],
+            rows,
+            classes=["", "n", "n", "n"],
+            marked=[row.baseline for row in group_rows(root)],
+        ),
+    ]
+    if groups.dropped:
+        dropped = ", ".join(f"{_e(k)} ({v:,} cells)" for k, v in groups.dropped.items())
+        body.append(f"<p>Dropped, no NTC cells: {dropped}.</p>")
+    return _section("groups", "Technical groups", "\n".join(body))
+
+
+# --- time and memory ---------------------------------------------------------------------
+
+
+def stage_rows(steps: dict[str, Any], modalities: list[str]) -> list[list[str]]:
+    """[step, modality, seconds, peak RSS, peak GPU, ran or skipped] per recorded step."""
+    rows = []
+    recorded = [(key, text, "", steps.get(key)) for key, text in RUN_STAGES]
+    for name in modalities:
+        recorded += [(key, text, name, steps.get(name, {}).get(key)) for key, text in STAGES]
+    for _key, text, modality, summary in recorded:
+        if not isinstance(summary, dict) or "seconds" not in summary:
+            continue
+        gpu = summary.get("peak_gpu_bytes")
+        rows.append(
+            [
+                text,
+                modality,
+                f"{float(summary['seconds']):.2f}",
+                _mib(summary.get("peak_rss_bytes")),
+                _mib(gpu) if gpu is not None else "-",
+                "skipped (inputs unchanged)" if summary.get("skipped") else "ran",
+            ]
+        )
+    return rows
+
+
+def _stages_section(steps: dict[str, Any], modalities: list[str], wall: str) -> str:
+    rows = stage_rows(steps, modalities)
+    header = ["step", "modality", "wall s", "peak memory MiB", "peak GPU MiB", ""]
+    classes = ["", "", "n", "n", "n", ""]
+    if all(row[4] == "-" for row in rows):  # no step used a GPU: no column for it
+        header, classes = header[:4] + header[5:], classes[:4] + classes[5:]
+        rows = [row[:4] + row[5:] for row in rows]
+    note = (
+        f"<p>The whole run: {_e(wall)} s from start to finish. Peak memory is the resident "
+        "memory of the process that ran the step, highest while it ran (steps that ran side "
+        "by side in one process share it).</p>"
+    )
+    table = _table(header, rows, classes=classes)
+    return _section("stages", "Time and memory per step", note + table)
+
+
+def run_seconds(attrs) -> str:
+    """Seconds from the run's start to its finish ('?' where either is missing)."""
+    try:
+        started = datetime.fromisoformat(attrs["started"])
+        finished = datetime.fromisoformat(attrs["finished"])
+    except (KeyError, TypeError, ValueError):
+        return "?"
+    return f"{(finished - started).total_seconds():.1f}"
+
+
+def _mib(value) -> str:
+    return "?" if value is None else f"{int(value) / 2**20:,.0f}"
+
+
+# --- a modality --------------------------------------------------------------------------
+
+
+def _modality_section(root: zarr.Group, store, name: str) -> str:
+    group = root[results_key(name)]
+    attrs = dict(group.attrs)
+    fit_attrs = dict(root[fit_key(name)].attrs) if fit_key(name) in root else {}
+    body = [
+        _fit_table(attrs, fit_attrs),
+        "<h3>Loss trace</h3>",
+        f"<p>Why the fit stopped: {_e(str(attrs.get('stop_reason', '?')))}</p>",
+        _figure(loss_png(group["loss"][...]), f"SVI loss of {name}"),
+        _excluded_block(root, name),
+        *_effects_block(root, store, name),
+    ]
+    return _section(f"m-{name}", f"Modality {name}", "\n".join(body))
+
+
+def _fit_table(attrs: dict, fit_attrs: dict) -> str:
+    laplace = fit_attrs.get("laplace_start") or {}
+    rows = {
+        "distribution / effect": f"{attrs.get('distribution')} / {attrs.get('effect_type')}",
+        "guide / device": f"{attrs.get('guide')} / {attrs.get('device')}",
+        "SVI steps": attrs.get("niters_run"),
+        "Laplace start": (
+            f"{laplace.get('iterations')} Newton iterations, "
+            f"{laplace.get('features_kept_start', 0)} features kept their start"
+            if laplace
+            else "-"
+        ),
+        "fit s / draws s": f"{_num(attrs.get('fit_seconds'))} / "
+        f"{_num(attrs.get('sampling_seconds'))}",
+        "posterior draws": attrs.get("nsamples"),
+    }
+    return _key_values(rows)
+
+
+def _excluded_block(root: zarr.Group, name: str) -> str:
+    flags = read_flags(root, name).as_dict()
+    total = len(flags[EXCLUDED])
+    rows = [[reason, REASON_TEXT[reason], f"{int(flags[reason].sum()):,}"] for reason in REASONS]
+    rows.append([EXCLUDED, "any of these: left out of the fit", f"{int(flags[EXCLUDED].sum()):,}"])
+    rows.append([FIT, "fit", f"{int(flags[FIT].sum()):,}"])
+    parts = [
+        "<h3>Features excluded by the NTC filters</h3>",
+        f"<p>{total:,} features in the matrix.</p>",
+        _table(["reason", "meaning", "features"], rows, classes=["", "", "n"]),
+    ]
+    table = exclusion_table(root, name)
+    if table["feature"]:
+        listed = [
+            [feature] + [", ".join(r for r in REASONS if table[r][i])]
+            for i, feature in enumerate(table["feature"][:MAX_NAMES])
+        ]
+        parts.append(
+            _details(
+                f"the {len(table['feature']):,} excluded features",
+                _table(["feature", "reasons"], listed),
+                len(table["feature"]),
+            )
+        )
+    return "\n".join(parts)
+
+
+def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
+    summary = effect_summary(str(store), name)
+    group = root[results_key(name)]
+    keep = summary.flags[FIT]
+    features = summary.features[keep]
+    fit_flags = {flag: summary.flags[flag][keep] for flag in FIT_FLAGS if flag in summary.flags}
+    parts = ["<h3>Features the fit flagged</h3>"]
+    flagged_rows = [
+        [flag, FLAG_TEXT.get(flag, ""), f"{int(mask.sum()):,}"] for flag, mask in fit_flags.items()
+    ]
+    parts.append(_table(["flag", "meaning", "features"], flagged_rows, classes=["", "", "n"]))
+    for flag, mask in fit_flags.items():
+        if mask.any():
+            names = [[str(f)] for f in features[mask][:MAX_NAMES]]
+            parts.append(
+                _details(
+                    f"the {int(mask.sum()):,} features flagged {flag}",
+                    _table(["feature"], names),
+                    int(mask.sum()),
+                )
+            )
+    labels = [str(label) for label in summary.groups]
+    parts.append(f"<h3>Effects against the baseline mean, per group ({_e(summary.scale)})</h3>")
+    if len(labels) < 2:
+        parts.append("<p>One technical group: there are no effects to show.</p>")
+        return parts
+    distribution = str(group.attrs.get("distribution"))
+    axis, log_x = BASELINE_AXIS.get(distribution, ("baseline mean, data units (mu_ntc)", False))
+    site = "probs_baseline" if distribution == "multinomial" else "mu_ntc"
+    baseline_mean = group[site][...].astype(np.float64).mean(axis=0)[keep]  # [t(, K)]
+    parts.append(
+        f"<p>One point per fit feature{' and category' if summary.n_categories else ''}; "
+        f"the baseline {_e(labels[0])}'s own effect is fixed at 0. Flagged features are "
+        "marked.</p>"
+    )
+    for c in range(1, len(labels)):
+        stats = {key: summary.stats[key][c][keep] for key in ("mean", "q05", "q95")}
+        shape = stats["mean"].shape
+        panel = GroupPanel(
+            label=labels[c],
+            baseline=labels[0],
+            mean=stats["mean"].ravel(),
+            q05=stats["q05"].ravel(),
+            q95=stats["q95"].ravel(),
+            baseline_mean=_per_point(baseline_mean, shape),
+            flags={flag: _per_point(mask, shape) for flag, mask in fit_flags.items()},
+            effect_scale=summary.scale,
+            baseline_axis=axis,
+            log_x=log_x,
+        )
+        parts.append(_figure(group_png(panel), f"effects of {labels[c]} in {name}"))
+    return parts
+
+
+def _per_point(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-feature values [t] (or already [t, K]) laid out like effects of `shape`,
+    flattened: one value per (feature, category) point."""
+    per_feature = values.reshape(shape[0], -1)
+    return np.broadcast_to(per_feature, (shape[0], int(np.prod(shape[1:])))).ravel()
+
+
+# --- HTML pieces -------------------------------------------------------------------------
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _num(value) -> str:
+    return "?" if value is None else f"{float(value):.1f}"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+
+
+def _key_values(rows: dict[str, Any]) -> str:
+    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows.items())
+    return f'<table class="kv">{cells}</table>'
+
+
+def _table(
+    header: list[str],
+    rows: list[list[str]],
+    *,
+    classes: list[str] | None = None,
+    marked: list[bool] | None = None,
+) -> str:
+    classes = classes or [""] * len(header)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        mark = ' class="mark"' if marked and marked[i] else ""
+        cells = "".join(
+            f'<td class="{cls}">{_e(value)}</td>' if cls else f"<td>{_e(value)}</td>"
+            for value, cls in zip(row, classes, strict=True)
+        )
+        body.append(f"<tr{mark}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _details(summary: str, content: str, total: int) -> str:
+    more = f" (the first {MAX_NAMES:,} listed)" if total > MAX_NAMES else ""
+    return f"<details><summary>{_e(summary)}{more}</summary>{content}</details>"
+
+
+def _figure(png: bytes, alt: str) -> str:
+    return f'<figure><img src="{data_uri(png)}" alt="{_e(alt)}"></figure>'
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1080px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h3 { margin-top: 1.4em; }
+nav a { margin: 0 .3em; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left;
+         vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+table.kv th { background: #f6f6f6; font-weight: 600; }
+thead th { background: #f0f0f0; }
+tr.mark td { background: #fff6d6; font-weight: 600; }
+figure { margin: .6em 0; } img { max-width: 100%; height: auto; }
+details { margin: .4em 0; } summary { cursor: pointer; color: #1f5fa8; }
+"""
