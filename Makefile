@@ -33,7 +33,7 @@ test-all: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest -m slow -q --durations=25 $(EXTRA_ARGS)
 
 lint: setup
-	$(BIN)/ruff check bayesdream_model tasks flows tests benchmarks
+	$(BIN)/ruff check bayesdream_model tasks flows tests benchmarks docs
 
 clean:
 	rm -rf demo_run .pytest_cache
