@@ -24,6 +24,7 @@ from flows.technical_fit import technical_fit
 from tasks.errors import PipelineError
 from tasks.ingest import in_memory
 from tasks.results.export import effects_anndata
+from tasks.results.run_page import page_path
 from tasks.results.summary import effect_summary
 from tasks.store import results_key
 
@@ -50,6 +51,12 @@ class RunResult:
         var = features (filter flags), varm = alpha_mean / sd / q05 / q95 [features x groups]."""
         self._check(modality)
         return effects_anndata(effect_summary(str(self.store), modality), store=str(self.store))
+
+    @property
+    def page(self) -> Path:
+        """The run's page, `<store>.reports/index.html`
+        (`webbrowser.open(result.page.as_uri())` opens it)."""
+        return page_path(self.store)
 
     def _check(self, modality: str) -> None:
         if modality not in self.modalities:

@@ -144,5 +144,7 @@ def test_result_opens_as_xarray_and_anndata(fitted) -> None:
         rtol=1e-5,
     )
     assert repr(result) == f"RunResult(store='{result.store}', modalities=['gene'])"
+    assert result.page == result.store.with_name(f"{result.store.name}.reports") / "index.html"
+    assert "<h2>Modality gene</h2>" in result.page.read_text()
     with pytest.raises(Exception, match=r"Modality 'adt' is not in this run's store"):
         result.xarray("adt")
