@@ -36,6 +36,7 @@ from tasks.filter.flags import read_flags
 from tasks.groups import NTC, read_groups
 from tasks.results.page_figures import GroupPanel, group_png
 from tasks.results.report import (
+    BLOCK,
     EXCLUDED,
     FIT,
     REASONS,
@@ -388,7 +389,7 @@ def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
     distribution = str(group.attrs.get("distribution"))
     axis, log_x = BASELINE_AXIS.get(distribution, ("baseline mean, data units (mu_ntc)", False))
     site = "probs_baseline" if distribution == "multinomial" else "mu_ntc"
-    baseline_mean = group[site][...].astype(np.float64).mean(axis=0)[keep]  # [t(, K)]
+    baseline_mean = _draw_mean(group[site])[keep]  # [t(, K)]
     parts.append(
         f"<p>One point per fit feature{' and category' if summary.n_categories else ''}; "
         f"the baseline {_e(labels[0])}'s own effect is fixed at 0. Flagged features are "
@@ -411,6 +412,15 @@ def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
         )
         parts.append(_figure(group_png(panel), f"effects of {labels[c]} in {name}"))
     return parts
+
+
+def _draw_mean(array: zarr.Array) -> np.ndarray:
+    """Posterior mean over draws (axis 0) of [S, T(, K)], a block of features at a time."""
+    blocks = [
+        array[:, start : start + BLOCK].astype(np.float64).mean(axis=0)
+        for start in range(0, array.shape[1], BLOCK)
+    ]
+    return np.concatenate(blocks, axis=0)
 
 
 def _per_point(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
