@@ -68,6 +68,11 @@ def artifact_key(kind: str, name: str, *, store: str | Path | zarr.Group) -> str
     return _key_text(f"{kind}-{name}-{store_slug(store)}")
 
 
+def page_artifact_key(store: str | Path | zarr.Group) -> str:
+    """`run-page-<store slug>`: the link to the run's page (one per store, not per modality)."""
+    return _key_text(f"run-page-{store_slug(store)}")
+
+
 def store_slug(store: str | Path | zarr.Group) -> str:
     """A store's short, key-safe name: up to `SLUG_CHARS` of its last folder names (for
     the reader) and 8 hex digits of its absolute path's hash (for uniqueness), e.g.
@@ -234,7 +239,7 @@ def publish_run_page(
         return page
     from prefect.artifacts import create_link_artifact
 
-    key = _key_text(f"run-page-{store_slug(store)}")
+    key = page_artifact_key(store)
     description = f"The run's page ({', '.join(names)}): {page}"
     _attempt(
         key,

@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from flows.technical_fit import run_name, technical_fit
 from tasks.demo import write_demo_inputs
 from tasks.lock import Holder, StoreLockedError, lock_path, read_holder, store_lock
-from tasks.orchestration.artifacts import artifact_key
+from tasks.orchestration.artifacts import artifact_key, page_artifact_key
 
 HOLDER_NAME = "the-run-holding-the-lock"
 PROJECT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def test_artifact_keys_name_the_store(finished: tuple[Path, FlowRun]) -> None:
     expected = {
         artifact_key(kind, "gene", store=store)
         for kind in ("fit-progress", "sample-progress", "excluded-features", "report")
-    }
+    } | {page_artifact_key(store)}
     assert {artifact.key for artifact in found} == expected
     assert all(key.endswith(artifact_key("", "", store=store)) for key in expected)
 

@@ -27,6 +27,7 @@ import tasks.steps
 from bayesdream_model.simulate import simulate_multinomial
 from flows.technical_fit import technical_fit
 from tasks.demo import CONSTANT_FEATURE, ZERO_FEATURE, write_demo_inputs
+from tasks.orchestration.artifacts import page_artifact_key
 from tasks.results.summary import effect_summary
 from tasks.store import COMPLETE, results_key
 
@@ -140,9 +141,8 @@ def test_the_page_is_self_contained_and_linked_from_the_runs_artifacts(finished)
     )
     assert all(link.startswith("#") for link in page.links)  # nothing outside the file
     assert not page.tags & {"script", "link", "iframe", "object"}
-    links = [a for key, a in artifacts.items() if key.startswith("run-page-")]
-    assert len(links) == 1  # Prefect keeps a link artifact as markdown: [text](uri)
-    assert _page(folder).resolve().as_uri() in links[0].data
+    link = artifacts[page_artifact_key(_store(folder))]
+    assert _page(folder).resolve().as_uri() in link.data  # kept as markdown: [text](uri)
     for name in ("gene", "donor"):
         report = next(a for k, a in artifacts.items() if k.startswith(f"report-{name}-"))
         assert _page(folder).resolve().as_uri() in report.data
