@@ -51,7 +51,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import PROJECT_ROOT
 from tasks.demo import write_demo_inputs
-from tasks.orchestration.artifacts import artifact_key
+from tasks.orchestration.artifacts import artifact_key, page_artifact_key
+from tasks.results.run_page import page_path
 from tasks.store import COMPLETE, results_key
 
 #: the end-to-end tier: a real Prefect server and process worker
@@ -340,7 +341,8 @@ def test_runs_on_two_stores_keep_their_artifacts_apart(
     deployed: Server, client: SyncPrefectClient, worker: subprocess.Popen, tmp_path: Path
 ) -> None:
     """Two stores, one modality name: each run's artifacts carry its own store's key, so
-    neither overwrites the other's latest report (as `report-gene` for both did)."""
+    neither overwrites the other's latest report (as `report-gene` for both did); each
+    run's page is written by the worker and linked from its run."""
     configs = [
         write_demo_inputs(tmp_path / screen, n_cells=120, n_features=10, niters=60, nsamples=10)
         for screen in ("screen-a", "screen-b")
@@ -366,4 +368,15 @@ def test_runs_on_two_stores_keep_their_artifacts_apart(
             {artifact.key for artifact in client.read_artifacts(artifact_filter=_of_run(run))}
             for run in runs
         )
-        assert len(first) == len(second) == 4 and not first & second, (first, second)
+        assert len(first) == len(second) == 5 and not first & second, (first, second)
+        for config, keys in zip(configs, (first, second), strict=True):
+            # the worker's run wrote the store's page, and its artifact links it
+            store = config.parent / "results" / "run.zarr"
+            assert page_artifact_key(store) in keys
+            [link] = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[page_artifact_key(store)])
+                )
+            )
+            assert page_path(store).resolve().as_uri() in link.data
+            assert page_path(store).read_text().startswith("<!DOCTYPE html>")
