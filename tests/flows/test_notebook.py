@@ -1,5 +1,5 @@
-"""From a notebook: `flows.notebook.run` on an AnnData in memory gives the store the CLI
-gives on the same data written to files, refuses bad input with the flow's message
+"""From a notebook: `flows.notebook.run` on an AnnData (or a MuData) in memory gives the
+store the CLI gives on the same data written to files, refuses bad input with the flow's message
 (writing nothing), and opens its results as xarray and as the exported AnnData."""
 
 from __future__ import annotations
@@ -148,3 +148,68 @@ def test_result_opens_as_xarray_and_anndata(fitted) -> None:
     assert "<h2>Modality gene</h2>" in result.page.read_text()
     with pytest.raises(Exception, match=r"Modality 'adt' is not in this run's store"):
         result.xarray("adt")
+
+
+def test_a_mudata_object_gives_the_clis_store_for_every_modality(tmp_path: Path) -> None:
+    """MuData: the cells table is the global obs; `gene` (negbinom, a counts layer) and
+    `adt` (normal, X) each get results equal to the CLI's on the same .h5mu file."""
+    import mudata as md
+
+    gene = _screen()
+    rng = np.random.default_rng(5)
+    shift = np.array([0.0, 0.5, -0.4])[pd.Categorical(gene.obs["cell_line"]).codes]
+    adt = ad.AnnData(
+        X=(rng.normal(2.0, 0.5, size=(N_CELLS, 3)) + shift[:, None]).astype(np.float32),
+        obs=pd.DataFrame(index=gene.obs_names.copy()),
+        var=pd.DataFrame(index=[f"CD{i}" for i in range(3)]),
+    )
+    mdata = md.MuData(
+        {
+            "gene": ad.AnnData(
+                gene.layers["counts"].copy(),
+                var=gene.var.copy(),
+                obs=pd.DataFrame(index=gene.obs_names.copy()),
+                layers={"counts": gene.layers["counts"].copy()},
+            ),
+            "adt": adt,
+        }
+    )
+    for column in ("target", "cell_line", "sum_factor"):
+        mdata.obs[column] = gene.obs[column].to_numpy()
+    modalities = {"gene": {"layer": "counts"}, "adt": {"distribution": "normal"}}
+    result = run(
+        mdata,
+        store=tmp_path / "nb" / "run.zarr",
+        covariates=["cell_line"],
+        modalities=modalities,
+        fit=FIT,
+    )
+    assert result.inputs.suffix == ".h5mu" and result.modalities == ("gene", "adt")
+    assert result.xarray("adt").alpha_y_add.dims == ("draw", "group", "feature")
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / result.inputs.name).write_bytes(result.inputs.read_bytes())
+    config = {
+        "store": "run.zarr",
+        "cells": result.inputs.name,
+        "covariates": ["cell_line"],
+        "modalities": {
+            name: {
+                "counts": result.inputs.name,
+                "modality": name,
+                "distribution": spec.get("distribution", "negbinom"),
+                **({"layer": spec["layer"]} if "layer" in spec else {}),
+            }
+            for name, spec in modalities.items()
+        },
+        "fit": FIT,
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(folder / "config.yaml")]) == 0
+    for name, arrays in (("gene", POSTERIOR), ("adt", ("alpha_y_add", "mu_ntc", "sigma_y"))):
+        cli = zarr.open_group(str(folder / "run.zarr"), mode="r")[results_key(name)]
+        ours = zarr.open_group(str(result.store), mode="r")[results_key(name)]
+        assert ours.attrs["fingerprint"] == cli.attrs["fingerprint"], name
+        for array in arrays:
+            np.testing.assert_array_equal(ours[array][:], cli[array][:], err_msg=f"{name} {array}")
