@@ -19,7 +19,6 @@ an interrupted run leaves no page describing a store it changed.
 
 from __future__ import annotations
 
-import html
 import logging
 import os
 from collections.abc import Iterable
@@ -34,13 +33,23 @@ import zarr
 from tasks.errors import StoreError
 from tasks.filter.flags import read_flags
 from tasks.groups import NTC, read_groups
+from tasks.results.html_parts import (
+    MAX_NAMES,
+    STYLE,
+    details,
+    escape,
+    figure,
+    key_values,
+    number,
+    section,
+    table,
+)
 from tasks.results.page_figures import GroupPanel, group_png
 from tasks.results.report import (
     BLOCK,
     EXCLUDED,
     FIT,
     REASONS,
-    data_uri,
     exclusion_table,
     loss_png,
     reports_folder,
@@ -61,7 +70,6 @@ from tasks.store import (
 logger = logging.getLogger(__name__)
 
 PAGE = "index.html"
-MAX_NAMES = 2000  # feature names listed per table; the store's flags hold every one
 REASON_TEXT = {
     "ntc_zero_count": "no count in any NTC cell",
     "ntc_zero_std": "the same value in every NTC cell",
@@ -144,7 +152,7 @@ def render_page(
         *(_modality_section(root, store, name) for name in modalities),
     ]
     nav = " · ".join(
-        f'<a href="#{anchor}">{_e(text)}</a>'
+        f'<a href="#{anchor}">{escape(text)}</a>'
         for anchor, text in [("groups", "groups"), ("stages", "time and memory")]
         + [(f"m-{name}", name) for name in modalities]
     )
@@ -153,9 +161,9 @@ def render_page(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{_e(title)}</title>",
+            f"<title>{escape(title)}</title>",
             f"<style>{STYLE}</style></head><body>",
-            f"<h1>{_e(title)}</h1>",
+            f"<h1>{escape(title)}</h1>",
             f"<nav>{nav}</nav>",
             *parts,
             "</body></html>",
@@ -180,7 +188,7 @@ def _run_section(root: zarr.Group, store, modalities: list[str], flow_run: str |
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "git commit": provenance.get("git_commit") or "-",
     }
-    return _section("run", "The run", _key_values(rows))
+    return section("run", "The run", key_values(rows))
 
 
 # --- groups ------------------------------------------------------------------------------
@@ -225,9 +233,9 @@ def _groups_section(root: zarr.Group) -> str:
         for row in group_rows(root)
     ]
     body = [
-        f"<p>Baseline: <b>{_e(groups.baseline)}</b> ({_e(groups.baseline_rule)}). Every other "
+        f"<p>Baseline: <b>{escape(groups.baseline)}</b> ({escape(groups.baseline_rule)}). Every other "
         "group's effects are relative to it.</p>",
-        _table(
+        table(
             ["group", "NTC cells", "cells", "cells fit"],
             rows,
             classes=["", "n", "n", "n"],
@@ -235,9 +243,9 @@ def _groups_section(root: zarr.Group) -> str:
         ),
     ]
     if groups.dropped:
-        dropped = ", ".join(f"{_e(k)} ({v:,} cells)" for k, v in groups.dropped.items())
+        dropped = ", ".join(f"{escape(k)} ({v:,} cells)" for k, v in groups.dropped.items())
         body.append(f"<p>Dropped, no NTC cells: {dropped}.</p>")
-    return _section("groups", "Technical groups", "\n".join(body))
+    return section("groups", "Technical groups", "\n".join(body))
 
 
 # --- time and memory ---------------------------------------------------------------------
@@ -274,12 +282,13 @@ def _stages_section(steps: dict[str, Any], modalities: list[str], wall: str) -> 
         header, classes = header[:4] + header[5:], classes[:4] + classes[5:]
         rows = [row[:4] + row[5:] for row in rows]
     note = (
-        f"<p>The whole run: {_e(wall)} s from start to finish. Peak memory is the resident "
+        f"<p>The whole run: {escape(wall)} s from start to finish. Peak memory is the resident "
         "memory of the process that ran the step, highest while it ran (steps that ran side "
         "by side in one process share it).</p>"
     )
-    table = _table(header, rows, classes=classes)
-    return _section("stages", "Time and memory per step", note + table)
+    return section(
+        "stages", "Time and memory per step", note + table(header, rows, classes=classes)
+    )
 
 
 def run_seconds(attrs) -> str:
@@ -306,12 +315,12 @@ def _modality_section(root: zarr.Group, store, name: str) -> str:
     body = [
         _fit_table(attrs, fit_attrs),
         "<h3>Loss trace</h3>",
-        f"<p>Why the fit stopped: {_e(str(attrs.get('stop_reason', '?')))}</p>",
-        _figure(loss_png(group["loss"][...]), f"SVI loss of {name}"),
+        f"<p>Why the fit stopped: {escape(str(attrs.get('stop_reason', '?')))}</p>",
+        figure(loss_png(group["loss"][...]), f"SVI loss of {name}"),
         _excluded_block(root, name),
         *_effects_block(root, store, name),
     ]
-    return _section(f"m-{name}", f"Modality {name}", "\n".join(body))
+    return section(f"m-{name}", f"Modality {name}", "\n".join(body))
 
 
 def _fit_table(attrs: dict, fit_attrs: dict) -> str:
@@ -326,11 +335,11 @@ def _fit_table(attrs: dict, fit_attrs: dict) -> str:
             if laplace
             else "-"
         ),
-        "fit s / draws s": f"{_num(attrs.get('fit_seconds'))} / "
-        f"{_num(attrs.get('sampling_seconds'))}",
+        "fit s / draws s": f"{number(attrs.get('fit_seconds'))} / "
+        f"{number(attrs.get('sampling_seconds'))}",
         "posterior draws": attrs.get("nsamples"),
     }
-    return _key_values(rows)
+    return key_values(rows)
 
 
 def _excluded_block(root: zarr.Group, name: str) -> str:
@@ -342,57 +351,43 @@ def _excluded_block(root: zarr.Group, name: str) -> str:
     parts = [
         "<h3>Features excluded by the NTC filters</h3>",
         f"<p>{total:,} features in the matrix.</p>",
-        _table(["reason", "meaning", "features"], rows, classes=["", "", "n"]),
+        table(["reason", "meaning", "features"], rows, classes=["", "", "n"]),
     ]
-    table = exclusion_table(root, name)
-    if table["feature"]:
+    excluded = exclusion_table(root, name)
+    if excluded["feature"]:
         listed = [
-            [feature] + [", ".join(r for r in REASONS if table[r][i])]
-            for i, feature in enumerate(table["feature"][:MAX_NAMES])
+            [feature] + [", ".join(r for r in REASONS if excluded[r][i])]
+            for i, feature in enumerate(excluded["feature"][:MAX_NAMES])
         ]
         parts.append(
-            _details(
-                f"the {len(table['feature']):,} excluded features",
-                _table(["feature", "reasons"], listed),
-                len(table["feature"]),
+            details(
+                f"the {len(excluded['feature']):,} excluded features",
+                table(["feature", "reasons"], listed),
+                len(excluded["feature"]),
             )
         )
     return "\n".join(parts)
 
 
 def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
+    """The fit's flags, then one figure per non-baseline group."""
     summary = effect_summary(str(store), name)
-    group = root[results_key(name)]
     keep = summary.flags[FIT]
-    features = summary.features[keep]
     fit_flags = {flag: summary.flags[flag][keep] for flag in FIT_FLAGS if flag in summary.flags}
-    parts = ["<h3>Features the fit flagged</h3>"]
-    flagged_rows = [
-        [flag, FLAG_TEXT.get(flag, ""), f"{int(mask.sum()):,}"] for flag, mask in fit_flags.items()
-    ]
-    parts.append(_table(["flag", "meaning", "features"], flagged_rows, classes=["", "", "n"]))
-    for flag, mask in fit_flags.items():
-        if mask.any():
-            names = [[str(f)] for f in features[mask][:MAX_NAMES]]
-            parts.append(
-                _details(
-                    f"the {int(mask.sum()):,} features flagged {flag}",
-                    _table(["feature"], names),
-                    int(mask.sum()),
-                )
-            )
+    parts = _flagged_block(summary.features[keep], fit_flags)
     labels = [str(label) for label in summary.groups]
-    parts.append(f"<h3>Effects against the baseline mean, per group ({_e(summary.scale)})</h3>")
+    parts.append(f"<h3>Effects against the baseline mean, per group ({escape(summary.scale)})</h3>")
     if len(labels) < 2:
         parts.append("<p>One technical group: there are no effects to show.</p>")
         return parts
+    group = root[results_key(name)]
     distribution = str(group.attrs.get("distribution"))
     axis, log_x = BASELINE_AXIS.get(distribution, ("baseline mean, data units (mu_ntc)", False))
     site = "probs_baseline" if distribution == "multinomial" else "mu_ntc"
     baseline_mean = _draw_mean(group[site])[keep]  # [t(, K)]
     parts.append(
         f"<p>One point per fit feature{' and category' if summary.n_categories else ''}; "
-        f"the baseline {_e(labels[0])}'s own effect is fixed at 0. Flagged features are "
+        f"the baseline {escape(labels[0])}'s own effect is fixed at 0. Flagged features are "
         "marked.</p>"
     )
     for c in range(1, len(labels)):
@@ -410,7 +405,26 @@ def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
             baseline_axis=axis,
             log_x=log_x,
         )
-        parts.append(_figure(group_png(panel), f"effects of {labels[c]} in {name}"))
+        parts.append(figure(group_png(panel), f"effects of {labels[c]} in {name}"))
+    return parts
+
+
+def _flagged_block(features: np.ndarray, fit_flags: dict[str, np.ndarray]) -> list[str]:
+    """Per flag of the fit: what it means, how many features carry it, and their names."""
+    rows = [
+        [flag, FLAG_TEXT.get(flag, ""), f"{int(mask.sum()):,}"] for flag, mask in fit_flags.items()
+    ]
+    parts = [
+        "<h3>Features the fit flagged</h3>",
+        table(["flag", "meaning", "features"], rows, classes=["", "", "n"]),
+    ]
+    for flag, mask in fit_flags.items():
+        if mask.any():
+            names = [[str(f)] for f in features[mask][:MAX_NAMES]]
+            count = int(mask.sum())
+            parts.append(
+                details(f"the {count:,} features flagged {flag}", table(["feature"], names), count)
+            )
     return parts
 
 
@@ -428,70 +442,3 @@ def _per_point(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     flattened: one value per (feature, category) point."""
     per_feature = values.reshape(shape[0], -1)
     return np.broadcast_to(per_feature, (shape[0], int(np.prod(shape[1:])))).ravel()
-
-
-# --- HTML pieces -------------------------------------------------------------------------
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _num(value) -> str:
-    return "?" if value is None else f"{float(value):.1f}"
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>\n{body}\n</section>'
-
-
-def _key_values(rows: dict[str, Any]) -> str:
-    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows.items())
-    return f'<table class="kv">{cells}</table>'
-
-
-def _table(
-    header: list[str],
-    rows: list[list[str]],
-    *,
-    classes: list[str] | None = None,
-    marked: list[bool] | None = None,
-) -> str:
-    classes = classes or [""] * len(header)
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        mark = ' class="mark"' if marked and marked[i] else ""
-        cells = "".join(
-            f'<td class="{cls}">{_e(value)}</td>' if cls else f"<td>{_e(value)}</td>"
-            for value, cls in zip(row, classes, strict=True)
-        )
-        body.append(f"<tr{mark}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _details(summary: str, content: str, total: int) -> str:
-    more = f" (the first {MAX_NAMES:,} listed)" if total > MAX_NAMES else ""
-    return f"<details><summary>{_e(summary)}{more}</summary>{content}</details>"
-
-
-def _figure(png: bytes, alt: str) -> str:
-    return f'<figure><img src="{data_uri(png)}" alt="{_e(alt)}"></figure>'
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1080px;
-       color: #222; padding: 0 1em; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
-h3 { margin-top: 1.4em; }
-nav a { margin: 0 .3em; }
-table { border-collapse: collapse; margin: .6em 0; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left;
-         vertical-align: top; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-table.kv th { background: #f6f6f6; font-weight: 600; }
-thead th { background: #f0f0f0; }
-tr.mark td { background: #fff6d6; font-weight: 600; }
-figure { margin: .6em 0; } img { max-width: 100%; height: auto; }
-details { margin: .4em 0; } summary { cursor: pointer; color: #1f5fa8; }
-"""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import yaml
 import zarr
+from PIL import Image
 
 from bayesdream_model.simulate import (
     simulate_binomial,
@@ -120,6 +124,19 @@ def test_every_distribution_in_one_run(tmp_path: Path) -> None:
     table = pd.read_csv(out)
     assert {"category", "mean", "q05", "q95", "excluded"} <= set(table.columns)
     assert len(table) == 5 * N_GROUPS * 4
+    # The run's page: a loss trace and a figure per non-baseline group for every family,
+    # each a PNG that decodes at its stated size
+    page = (store.parent / f"{store.name}.reports" / "index.html").read_text()
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
+    assert sorted(alt for _, alt in sources) == sorted(
+        f"{kind} {name}"
+        for name in expected
+        for kind in ("SVI loss of", "effects of K562 in", "effects of TF1 in")
+    )
+    for data, alt in sources:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            image.load()
+            assert image.format == "PNG" and min(image.size) > 100, alt
 
 
 def test_one_modality_only(tmp_path: Path) -> None:

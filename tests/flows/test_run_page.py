@@ -253,6 +253,21 @@ def test_a_new_run_withdraws_the_page_until_it_finishes(
     assert rows[("fit (SVI)", "gene")] == "ran"
 
 
+def test_one_technical_group_has_no_effects_to_draw(tmp_path: Path) -> None:
+    """No covariates: one group, `all`, the baseline of nothing: the page says so and
+    draws the loss trace only."""
+    config = write_demo_inputs(tmp_path / "one", n_cells=90, n_features=8, niters=40, nsamples=5)
+    spec = yaml.safe_load(config.read_text())
+    spec["covariates"] = []
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert technical_fit(str(config), return_state=True).is_completed()
+    page = _parsed(config.parent)
+    [row] = page.table("group")
+    assert row[0] == "all (baseline)" and row[1] == row[3] != "0"
+    assert [image["alt"] for image in page.images] == ["SVI loss of gene"]
+    assert "One technical group: there are no effects to show." in _page(config.parent).read_text()
+
+
 @pytest.mark.slow
 def test_a_headless_browser_loads_every_figure(finished, tmp_path: Path) -> None:
     """Debian's chromium (`apt install chromium`), driven by Playwright: every figure
