@@ -117,8 +117,11 @@ def write_run_page(
     path.parent.mkdir(parents=True, exist_ok=True)
     text = render_page(root, store, list(modalities), flow_run=flow_run)
     partial = path.with_name(f".{PAGE}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # a disk-full write leaves no half page behind
     logger.info("Run page: %s", path)
     return path
 

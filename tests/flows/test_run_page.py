@@ -333,3 +333,21 @@ def test_the_report_command_rewrites_the_page_and_names_a_modality_without_resul
     assert main(["report", str(_store(folder)), "--modality", "protein"]) == 2
     assert "no finished results for ['protein']" in caplog.text
     assert "modalities with results: ['donor', 'gene']" in caplog.text
+
+
+def test_a_page_that_cannot_be_written_is_a_warning_and_leaves_no_half_page(
+    finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks.orchestration.artifacts import publish_run_page
+
+    folder = Path(shutil.copytree(finished[0], tmp_path / "screen"))
+    _page(folder).unlink()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_page.os, "replace", disk_full)
+    root = zarr.open_group(str(_store(folder)), mode="r")
+    assert publish_run_page(root, _store(folder), ["gene"]) is None
+    assert "Could not write the run page artifact (OSError" in caplog.text
+    assert sorted(p.name for p in _page(folder).parent.iterdir() if "index" in p.name) == []
