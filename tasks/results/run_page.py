@@ -50,6 +50,7 @@ from tasks.results.report import (
     EXCLUDED,
     FIT,
     REASONS,
+    SCALE,
     exclusion_table,
     loss_png,
     reports_folder,
@@ -321,6 +322,7 @@ def _modality_section(root: zarr.Group, store, name: str) -> str:
         f"<p>Why the fit stopped: {escape(str(attrs.get('stop_reason', '?')))}</p>",
         figure(loss_png(group["loss"][...]), f"SVI loss of {name}"),
         _excluded_block(root, name),
+        *_cis_block(root, name),
         *_effects_block(root, store, name),
     ]
     return section(f"m-{name}", f"Modality {name}", "\n".join(body))
@@ -370,6 +372,28 @@ def _excluded_block(root: zarr.Group, name: str) -> str:
             )
         )
     return "\n".join(parts)
+
+
+def _cis_block(root: zarr.Group, name: str) -> list[str]:
+    """The cis feature's effect per group (`technical/cis`), when this modality has one."""
+    if CIS_KEY not in root or root[CIS_KEY].attrs.get("modality") != name:
+        return []
+    cis = root[CIS_KEY]
+    draws = cis["alpha_x_add"][...].astype(np.float64)  # [S, C], 0 for the baseline
+    scale = SCALE.get(root[results_key(name)].attrs.get("effect_type"), "data units")
+    low, high = np.quantile(draws, [0.05, 0.95], axis=0)
+    labels = read_strings(cis, "group")
+    rows = [
+        [str(label), f"{m:+.3f}", f"{lo:+.3f}", f"{hi:+.3f}"]
+        for label, m, lo, hi in zip(labels, draws.mean(axis=0), low, high, strict=True)
+    ]
+    flagged = [flag for flag in FIT_FLAGS if cis.attrs.get(flag)]
+    note = f" Flagged: {', '.join(flagged)}." if flagged else ""
+    return [
+        f"<h3>The cis feature {escape(cis.attrs.get('feature', '?'))} ({escape(scale)})</h3>",
+        f"<p>Its effect per group, against the baseline {escape(labels[0])}.{escape(note)}</p>",
+        table(["group", "mean", "q05", "q95"], rows, classes=["", "n", "n", "n"]),
+    ]
 
 
 def _effects_block(root: zarr.Group, store, name: str) -> list[str]:

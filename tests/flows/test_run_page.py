@@ -212,6 +212,19 @@ def test_each_groups_figure_is_the_stored_posterior_with_the_flagged_gene_marked
         assert not panel.log_x and len(panel.mean) == 4 * K
 
 
+def test_the_cis_features_effect_per_group_is_the_stored_posterior(finished) -> None:
+    folder, _ = finished
+    root = zarr.open_group(str(_store(folder)), mode="r")
+    draws = root["technical/cis"]["alpha_x_add"][...].astype(np.float64)  # [S, C]
+    [rows] = [t[1:] for t in _parsed(folder).tables if t[0] == ["group", "mean", "q05", "q95"]]
+    assert [row[0] for row in rows] == [BASELINE, "HEL", "K562"]
+    assert rows[0][1:] == ["+0.000"] * 3  # the baseline's own effect is fixed
+    for c, row in enumerate(rows):
+        expected = [draws[:, c].mean(), *np.quantile(draws[:, c], [0.05, 0.95])]
+        np.testing.assert_allclose([float(v) for v in row[1:]], expected, atol=5e-4)
+    assert "The cis feature GFI1B (log2)" in _page(folder).read_text()
+
+
 def test_every_step_has_its_wall_time_and_peak_memory(finished) -> None:
     folder, _ = finished
     rows = _parsed(folder).table("step")
