@@ -7,8 +7,8 @@ What it shows, all read from the store:
   why, groups dropped for having no NTC cells;
 - wall time and peak memory of every step (the store's `steps`, from `tasks.stage_meter`);
 - per modality: the fit (distribution, guide, SVI steps and why the fit stopped, the loss
-  trace), the features excluded by each NTC filter (with their names), the features the
-  fit flagged, and per group each feature's effect against its baseline mean with its
+  trace), the features excluded by each NTC filter (with their names), the cis feature's
+  effect per group (when the modality has one), the features the fit flagged, and per group each feature's effect against its baseline mean with its
   interval width (`tasks.results.page_figures`); the baseline mean is the posterior mean
   of `mu_ntc` (of `probs_baseline` for multinomial modalities).
 
