@@ -213,12 +213,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         store = run_demo(args.dir)
         log.info("Demo finished: %s", store)
+        _log_page(store)
         log.info("Next: bayesdream summary %s --modality gene --out effects.csv", store)
         return 0
     _refuse_early(args)
     if args.dask:
         store = _run_on_dask(args)
         log.info("Finished: %s", store)
+        _log_page(store)
         return 0
     flow = technical_fit
     if args.workers > 1:
@@ -228,7 +230,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         flow = technical_fit.with_options(task_runner=runner)
     store = flow(str(args.config), args.overrides, args.modality)
     log.info("Finished: %s", store)
+    _log_page(store)
     return 0
+
+
+def _log_page(store: str) -> None:
+    """Where the run's page is, as a link a terminal can open."""
+    from tasks.results.run_page import page_path
+
+    page = page_path(store)
+    if page.is_file():
+        log.info("The run's page: %s", page.resolve().as_uri())
 
 
 def _export(args: argparse.Namespace) -> int:

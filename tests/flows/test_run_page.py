@@ -10,6 +10,7 @@ filters), and a multinomial modality on the same cells.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from html.parser import HTMLParser
@@ -332,7 +333,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def test_the_report_command_rewrites_the_page_and_names_a_modality_without_results(
+def test_the_cli_names_the_page_and_report_rewrites_it(
     finished, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from flows.cli import main
@@ -346,6 +347,10 @@ def test_the_report_command_rewrites_the_page_and_names_a_modality_without_resul
     assert main(["report", str(_store(folder)), "--modality", "protein"]) == 2
     assert "no finished results for ['protein']" in caplog.text
     assert "modalities with results: ['donor', 'gene']" in caplog.text
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="bayesdream")  # the CLI's own logger
+    assert main(["run", str(folder / "config.yaml")]) == 0  # every step unchanged: skipped
+    assert f"The run's page: {_page(folder).resolve().as_uri()}" in caplog.text
 
 
 def test_a_page_that_cannot_be_written_is_a_warning_and_leaves_no_half_page(
