@@ -129,6 +129,8 @@ class Family(ABC):
     latent_sites: tuple[str, ...]
     #: the raw effect site (zero-filled for excluded features)
     effect_site: str
+    #: the per-feature result that holds the baseline group's level (mean, proportion)
+    baseline_site: str = "mu_ntc"
 
     def configured(self, options: PriorOptions) -> Family:
         """This family with the run's prior choices (default: none apply, itself)."""

@@ -85,6 +85,7 @@ class Multinomial(Family):
     )
     latent_sites = (EFFECT_SITE, DIRICHLET_SITE)
     effect_site = EFFECT_SITE
+    baseline_site = "probs_baseline"
     point_sites = (DIRICHLET_SITE,)
 
     def __init__(

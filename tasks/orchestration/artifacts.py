@@ -232,9 +232,7 @@ def publish_run_page(
     """Write the run's page and, in a run, link it from artifact `run-page-<slug>`. A page
     that cannot be written is a warning: the store is the run's result, the page a view."""
     log = log or logger
-    page = _attempt(
-        "run page", lambda: write_run_page(root, store, names, flow_run=flow_run), log
-    )
+    page = _attempt("run page", lambda: write_run_page(root, store, names, flow_run=flow_run), log)
     if page is None or not in_run():
         return page
     from prefect.artifacts import create_link_artifact
@@ -276,10 +274,11 @@ def _publish_report(
 
     key = artifact_key("report", name, store=store)
     report = _attempt(key, lambda: write_report(root, store, name), log)
-    if report is not None and page is not None:
-        link = f"The run's page, every modality on one page: [{page}]({page.resolve().as_uri()})"
-        report = ModalityReport(f"{report.markdown}\n\n{link}", report.files)
     if report is not None:
+        if page is not None:
+            uri = page.resolve().as_uri()
+            link = f"The run's page, every modality on one page: [{page}]({uri})"
+            report = ModalityReport(f"{report.markdown}\n\n{link}", report.files)
         description = (
             f"Modality '{name}': loss curve, posterior-mean effects, run summary; "
             f"baseline: {baseline_text(root[results_key(name)])}"

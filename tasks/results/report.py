@@ -130,13 +130,20 @@ def _seconds(value) -> str:
 
 def posterior_mean_effects(group: zarr.Group) -> np.ndarray:
     """[C, n] posterior means of `alpha_y_add` over the fit features (and categories)."""
-    effects = group[EFFECT]
+    means = draw_mean(group[EFFECT], feature_axis=2)  # [C, T(, K)]
     keep = ~group[EXCLUDED][...]
+    return means[:, keep].reshape(means.shape[0], -1)
+
+
+def draw_mean(array: zarr.Array, *, feature_axis: int) -> np.ndarray:
+    """The mean over draws (axis 0) of a results array, `BLOCK` features at a time (the
+    result's axes but the first; `feature_axis` counts the draw axis)."""
     blocks = []
-    for start in range(0, effects.shape[2], BLOCK):
-        means = effects[:, :, start : start + BLOCK].astype(np.float64).mean(axis=0)  # [C, t(, K)]
-        blocks.append(means[:, keep[start : start + BLOCK]].reshape(means.shape[0], -1))
-    return np.concatenate(blocks, axis=1)
+    for start in range(0, array.shape[feature_axis], BLOCK):
+        index = [slice(None)] * array.ndim
+        index[feature_axis] = slice(start, start + BLOCK)
+        blocks.append(array[tuple(index)].astype(np.float64).mean(axis=0))
+    return np.concatenate(blocks, axis=feature_axis - 1)
 
 
 def loss_png(loss: np.ndarray) -> bytes:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from bayesdream_model.distributions import get_family
 from tasks.errors import StoreError
 from tasks.filter.flags import read_flags
-from tasks.groups import NTC, read_groups
+from tasks.groups import NTC, GroupAssignment, read_groups
 from tasks.results.html_parts import (
     MAX_NAMES,
     STYLE,
@@ -46,23 +47,22 @@ from tasks.results.html_parts import (
 )
 from tasks.results.page_figures import GroupPanel, group_png
 from tasks.results.report import (
-    BLOCK,
     EXCLUDED,
     FIT,
     REASONS,
     SCALE,
+    draw_mean,
     exclusion_table,
     loss_png,
     reports_folder,
 )
-from tasks.results.summary import effect_summary
+from tasks.results.summary import effect_summary, finished_modalities
 from tasks.store import (
     CELLS,
     CIS_KEY,
     COMPLETE,
     FIT_FLAGS,
     fit_key,
-    is_complete,
     open_root,
     read_strings,
     results_key,
@@ -93,10 +93,11 @@ RUN_STAGES = (
     ("create-store", "store and cells"),
     ("groups", "technical groups"),
 )
+#: the x axis of the effect figures, by effect type: what the baseline site holds, log axis?
 BASELINE_AXIS = {
-    "negbinom": ("baseline mean, normalised counts (mu_ntc)", True),
-    "binomial": ("baseline proportion (mu_ntc)", False),
-    "multinomial": ("baseline category proportion (probs_baseline)", False),
+    "multiplicative": ("mean, normalised counts", True),
+    "logit": ("proportion", False),
+    "additive": ("mean, data units", False),
 }
 
 
@@ -130,18 +131,14 @@ def write_run_page(
 def rewrite_run_page(store: str, modalities: list[str] | None = None) -> Path:
     """The `report` command: the page of a store's finished modalities (all by default)."""
     root = open_root(store)
-    have = [
-        name
-        for name in (root["technical"].group_keys() if "technical" in root else [])
-        if results_key(name) != CIS_KEY and is_complete(root, results_key(name))
-    ]
+    have = finished_modalities(root)
     missing = [name for name in modalities or [] if name not in have]
     if missing or not have:
         raise StoreError(
             f"{store}: no finished results for {missing or 'any modality'}; modalities with "
-            f"results: {sorted(have)}."
+            f"results: {have}."
         )
-    return write_run_page(root, store, modalities or sorted(have))
+    return write_run_page(root, store, modalities or have)
 
 
 def render_page(
@@ -207,9 +204,8 @@ class GroupRow:
     fit_cells: int
 
 
-def group_rows(root: zarr.Group) -> list[GroupRow]:
+def group_rows(root: zarr.Group, groups: GroupAssignment) -> list[GroupRow]:
     """Per technical group (code order, the baseline first): NTC cells, cells, fit cells."""
-    groups = read_groups(root)
     is_ntc = read_strings(root[CELLS], "target") == NTC
     code = groups.code
     kept = code >= 0
@@ -227,6 +223,7 @@ def group_rows(root: zarr.Group) -> list[GroupRow]:
 
 def _groups_section(root: zarr.Group) -> str:
     groups = read_groups(root)
+    counted = group_rows(root, groups)
     rows = [
         [
             row.label + (" (baseline)" if row.baseline else ""),
@@ -234,7 +231,7 @@ def _groups_section(root: zarr.Group) -> str:
             f"{row.cells:,}",
             f"{row.fit_cells:,}",
         ]
-        for row in group_rows(root)
+        for row in counted
     ]
     body = [
         f"<p>Baseline: <b>{escape(groups.baseline)}</b> ({escape(groups.baseline_rule)}). Every other "
@@ -243,7 +240,7 @@ def _groups_section(root: zarr.Group) -> str:
             ["group", "NTC cells", "cells", "cells fit"],
             rows,
             classes=["", "n", "n", "n"],
-            marked=[row.baseline for row in group_rows(root)],
+            marked=[row.baseline for row in counted],
         ),
     ]
     if groups.dropped:
@@ -408,10 +405,10 @@ def _effects_block(root: zarr.Group, store, name: str) -> list[str]:
         parts.append("<p>One technical group: there are no effects to show.</p>")
         return parts
     group = root[results_key(name)]
-    distribution = str(group.attrs.get("distribution"))
-    axis, log_x = BASELINE_AXIS.get(distribution, ("baseline mean, data units (mu_ntc)", False))
-    site = "probs_baseline" if distribution == "multinomial" else "mu_ntc"
-    baseline_mean = _draw_mean(group[site])[keep]  # [t(, K)]
+    family = get_family(str(group.attrs["distribution"]))
+    what, log_x = BASELINE_AXIS[family.spec.effect_type]
+    axis = f"baseline {what} ({family.baseline_site})"
+    baseline_mean = draw_mean(group[family.baseline_site], feature_axis=1)[keep]  # [t(, K)]
     parts.append(
         f"<p>One point per fit feature{' and category' if summary.n_categories else ''}; "
         f"the baseline {escape(labels[0])}'s own effect is fixed at 0. Flagged features are "
@@ -453,15 +450,6 @@ def _flagged_block(features: np.ndarray, fit_flags: dict[str, np.ndarray]) -> li
                 details(f"the {count:,} features flagged {flag}", table(["feature"], names), count)
             )
     return parts
-
-
-def _draw_mean(array: zarr.Array) -> np.ndarray:
-    """Posterior mean over draws (axis 0) of [S, T(, K)], a block of features at a time."""
-    blocks = [
-        array[:, start : start + BLOCK].astype(np.float64).mean(axis=0)
-        for start in range(0, array.shape[1], BLOCK)
-    ]
-    return np.concatenate(blocks, axis=0)
 
 
 def _per_point(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -94,12 +94,16 @@ def results_group(store: str, modality: str) -> zarr.Group:
     try:
         return require_complete(root, results_key(modality), "sample")
     except StoreError as err:
-        have = sorted(
-            key
-            for key in (root["technical"].group_keys() if "technical" in root else [])
-            if results_key(key) != CIS_KEY and is_complete(root, results_key(key))
-        )
-        raise StoreError(f"{err} Modalities with results: {have}.") from None
+        raise StoreError(f"{err} Modalities with results: {finished_modalities(root)}.") from None
+
+
+def finished_modalities(root: zarr.Group) -> list[str]:
+    """The modalities whose results are complete, sorted (the cis group is not one)."""
+    return sorted(
+        key
+        for key in (root["technical"].group_keys() if "technical" in root else [])
+        if results_key(key) != CIS_KEY and is_complete(root, results_key(key))
+    )
 
 
 def effect_summary(store: str, modality: str) -> EffectSummary:
